@@ -1,0 +1,6 @@
+"""Compute kernels of lora_da (importable as ``lora_da.kernels``).
+
+``reference`` holds the plain PyTorch implementation of every op: the test oracle and the
+CPU path. Accelerated implementations live beside it and are reached only through
+``lora_da.dispatch``; nothing here imports Triton or CUDA code at import time.
+"""

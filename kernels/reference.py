@@ -1,0 +1,39 @@
+"""PyTorch reference of the statistics op (fp32 or wider inside); the oracle for every kernel."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def fisher_update(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    grads: Sequence[torch.Tensor],
+    input_factor: Optional[torch.Tensor],
+    gradients: Sequence[torch.Tensor],
+    output_factors: Sequence[torch.Tensor],
+    sequence_sums: Optional[Sequence[torch.Tensor]] = None,
+) -> None:
+    """Accumulate one input's statistics and those of the modules that read it, in place.
+
+    x: [B, L, n] layer input; mask: [B, L] (1 = counted token); grads[k]: [B, L, m_k] output
+    gradients. With A the accumulators' dtype:
+      input_factor [n, n] (A)     += x^T diag(mask) x          (skipped when None)
+      gradients[k] [m_k, n] (A)   += grads[k]^T x               (every token)
+      output_factors[k] [m_k] (A) += sum_t mask_t grads[k][t]^2
+      sequence_sums[k] [B, m_k]    = sum_t mask_t grads[k][b, t] (overwritten; optional)
+    """
+    dtype = gradients[0].dtype if gradients else input_factor.dtype
+    batch, length, n = x.shape
+    xs = x.reshape(batch * length, n).to(dtype)
+    weights = mask.reshape(batch * length).to(dtype)
+    if input_factor is not None:
+        input_factor.addmm_((xs * weights[:, None]).T, xs)
+    for k, g in enumerate(grads):
+        gs = g.reshape(batch * length, g.shape[-1]).to(dtype)
+        gradients[k].addmm_(gs.T, xs)
+        output_factors[k].addmv_(gs.square().T, weights)
+        if sequence_sums is not None:
+            masked = (gs * weights[:, None]).reshape(batch, length, -1)
+            sequence_sums[k].copy_(masked.sum(dim=1))

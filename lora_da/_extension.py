@@ -1,0 +1,39 @@
+"""Lazy access to the optional CUDA extension ``lora_da._C`` (never loaded at import)."""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+_state: dict = {}
+
+
+def load_error() -> Optional[str]:
+    """None when ``lora_da._C`` is loaded (its ops registered under ``torch.ops.lora_da``), else why not."""
+    if "error" not in _state:
+        try:
+            importlib.import_module("lora_da._C")
+            _state["error"] = None
+        except ImportError as error:
+            _state["error"] = (
+                f"the CUDA extension lora_da._C is not built ({error}); reinstall with a CUDA build of torch, "
+                "nvcc and pip install --no-build-isolation"
+            )
+    return _state["error"]
+
+
+def ops():
+    """``torch.ops.lora_da``, loading the extension first; RuntimeError saying why it cannot."""
+    error = load_error()
+    if error is not None:
+        raise RuntimeError(error)
+    return torch.ops.lora_da
+
+
+def axpy_(y: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """y [N] += alpha * x [N] on the GPU (fp32): the build's end-to-end check."""
+    if y.device.type not in ("cuda", "meta"):
+        raise RuntimeError(f"lora_da._C ops run on CUDA tensors; got a tensor on {y.device}")
+    ops().axpy_(y, x, alpha)
+    return y

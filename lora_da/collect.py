@@ -1,0 +1,326 @@
+"""One streaming pass over calibration batches: hooks feed the statistics op."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import dispatch
+from .config import LoraDAConfig, resolve_config
+from .statistics import InputStatistics, ModuleStatistics, Statistics
+from .targets import Target, find_targets
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, object], torch.Tensor]
+
+
+@dataclass(eq=False)
+class _Event:
+    """One forward use of one input tensor by one or more targeted modules."""
+
+    x: torch.Tensor  # [B, L, n]
+    mask: torch.Tensor  # [B, L]
+    modules: List[str] = field(default_factory=list)
+    grads: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, L, m]
+
+
+def default_loss(model: nn.Module, batch) -> torch.Tensor:
+    """B * model(**batch).loss: the sum over sequences of each one's mean token loss at B = 1."""
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        raise ValueError("batch has no 'labels': pass loss_fn=... or add labels to every batch")
+    output = model(**batch)
+    loss = output["loss"] if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if loss is None:
+        raise ValueError(f"{type(model).__name__} returned no loss for a batch with labels: pass loss_fn=...")
+    return loss * batch_size(batch)
+
+
+def batch_size(batch) -> int:
+    """Number of sequences in ``batch`` (dim 0 of its first tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        for key in ("input_ids", "attention_mask", "labels", "inputs_embeds"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key].shape[0]
+        values = batch.values()
+    else:
+        values = batch
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    raise ValueError(f"cannot tell the batch size of a {type(batch).__name__} without tensors")
+
+
+def token_mask(batch, kind: str) -> Optional[torch.Tensor]:
+    """[B, L] bool mask of counted tokens; None means every position counts."""
+    if kind == "all" or not isinstance(batch, Mapping):
+        if kind == "labels":
+            raise ValueError("token_mask='labels' needs batches that are dicts with 'labels'")
+        return None
+    if kind == "attention":
+        mask = batch.get("attention_mask")
+        return None if mask is None else mask.bool()
+    labels = batch.get("labels")
+    if labels is None:
+        raise ValueError("token_mask='labels' needs 'labels' in every batch")
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _truncate(batch, keep: int):
+    """The first ``keep`` sequences of a dict batch."""
+    size = batch_size(batch)
+    if not isinstance(batch, Mapping):
+        return batch
+    return {k: (v[:keep] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v) for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module):
+    """Freeze every parameter and put every module in eval mode; restore both on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+class _Collector:
+    """Hooks on the targets; turns each batch's events into op calls on the accumulators."""
+
+    def __init__(self, targets: Dict[str, Target], cfg: LoraDAConfig):
+        self.targets = targets
+        self.cfg = cfg
+        self.events: List[_Event] = []
+        self.batch_mask: Optional[torch.Tensor] = None
+        self.batch_seq_sums: Dict[str, torch.Tensor] = {}
+        self.input_of: Dict[str, str] = {}  # module -> input key
+        self.inputs: Dict[str, InputStatistics] = {}
+        self.modules: Dict[str, ModuleStatistics] = {}
+        self.token_tensors: Dict[str, torch.Tensor] = {}  # input key -> counted tokens (on device)
+        self.seq_sums: Dict[str, List[torch.Tensor]] = {name: [] for name in targets}
+
+    def hook(self, name: str):
+        def forward_hook(module, args, output):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+                raise TypeError(f"module {name!r}: expected a tensor input and output")
+            if not output.requires_grad:
+                output.requires_grad_(True)  # a leaf: frozen weights and no upstream graph
+            event = next((e for e in self.events if e.x is x), None)
+            if event is None:
+                event = _Event(x, self._event_mask(name, x))
+                self.events.append(event)
+            event.modules.append(name)
+            output.register_hook(lambda g: self._on_grad(event, name, g))
+
+        return forward_hook
+
+    def _event_mask(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        if self.batch_mask is None:
+            return torch.ones(lead, dtype=torch.bool, device=x.device)
+        mask = self.batch_mask
+        if mask.shape == lead or (len(lead) == 1 and lead[0] == mask.numel()):
+            return mask.to(x.device)
+        raise ValueError(
+            f"module {name!r}: input of shape {tuple(x.shape)} does not line up with the token mask "
+            f"of shape {tuple(mask.shape)}; use token_mask='all' for this model"
+        )
+
+    def _on_grad(self, event: _Event, name: str, g: torch.Tensor) -> None:
+        event.grads[name] = g.detach()
+        if len(event.grads) == len(event.modules):
+            self._flush(event)
+
+    def _input_key(self, modules: List[str]) -> str:
+        keys = {self.input_of.get(m) for m in modules}
+        if keys == {None}:
+            key = modules[0]
+            for m in modules:
+                self.input_of[m] = key
+            return key
+        if len(keys) == 1 and set(self._modules_of(keys.pop())) == set(modules):
+            return self.input_of[modules[0]]
+        raise RuntimeError(
+            f"modules {modules} shared one input tensor in this batch but not in an earlier one; "
+            "input sharing must be the same in every batch"
+        )
+
+    def _modules_of(self, key: str) -> List[str]:
+        return [m for m, k in self.input_of.items() if k == key]
+
+    def _flush(self, event: _Event) -> None:
+        if event in self.events:
+            self.events.remove(event)
+        modules = list(dict.fromkeys(event.modules))
+        key = self._input_key(modules)
+        x = event.x.reshape(*event.mask.shape, event.x.shape[-1]) if event.x.dim() == 2 else event.x
+        if x.dim() != 3:
+            x = x.reshape(-1, 1, x.shape[-1])
+        mask = event.mask.reshape(x.shape[:2])
+        dtype = torch.promote_types(torch.float32, x.dtype)
+        if key not in self.inputs:
+            n = x.shape[-1]
+            self.inputs[key] = InputStatistics(tuple(modules), x.new_zeros((n, n), dtype=dtype), 0)
+            self.token_tensors[key] = torch.zeros((), dtype=torch.int64, device=x.device)
+        self.token_tensors[key] += mask.sum()
+        names = [m for m in event.grads]
+        for m in names:
+            if m not in self.modules:
+                t = self.targets[m]
+                self.modules[m] = ModuleStatistics(
+                    key, x.new_zeros((t.out_features, t.in_features), dtype=dtype), x.new_zeros(t.out_features, dtype=dtype)
+                )
+        grads = [event.grads[m].reshape(*x.shape[:2], -1) for m in names]
+        seq = None
+        if self.cfg.output_fisher == "sequence_lowrank":
+            seq = [x.new_empty((x.shape[0], g.shape[-1]), dtype=dtype) for g in grads]
+        impl = dispatch.resolve("fisher_update", self.cfg.backend, x.device, x.dtype)
+        impl.fn(
+            x, mask, grads, self.inputs[key].z_sum,
+            [self.modules[m].g_sum for m in names], [self.modules[m].y_sum for m in names], seq,
+        )
+        if seq is not None:
+            for m, s in zip(names, seq):
+                previous = self.batch_seq_sums.get(m)
+                self.batch_seq_sums[m] = s if previous is None else previous + s
+
+    def start_batch(self, batch, batch_size_: int) -> None:
+        self.events.clear()
+        self.batch_mask = token_mask(batch, self.cfg.token_mask)
+        self.batch_seq_sums = {}
+        self.current_batch_size = batch_size_
+
+    def finish_batch(self) -> None:
+        """Flush events whose modules did not all receive a gradient (their G gets nothing)."""
+        for event in list(self.events):
+            self._flush(event)
+        for name in self.seq_sums:
+            sums = self.batch_seq_sums.get(name)
+            if sums is None and name in self.modules:
+                stats = self.modules[name]
+                sums = stats.y_sum.new_zeros((self.current_batch_size, stats.y_sum.shape[0]))
+            if sums is not None:
+                self.seq_sums[name].append(sums)
+
+    def statistics(self, num_sequences: int, population_size: int) -> Statistics:
+        missing = [name for name in self.targets if name not in self.modules]
+        if missing:
+            raise RuntimeError(f"targeted modules never received an output gradient during collection: {missing}")
+        for key, entry in self.inputs.items():
+            entry.num_tokens = int(self.token_tensors[key])
+        if self.cfg.output_fisher == "sequence_lowrank":
+            for name, stats in self.modules.items():
+                stats.sequence_sums = torch.cat(self.seq_sums[name])
+        order = {name: i for i, name in enumerate(self.targets)}
+        return Statistics(
+            modules={name: self.modules[name] for name in self.targets},
+            inputs=dict(sorted(self.inputs.items(), key=lambda item: order[item[0]])),
+            num_sequences=num_sequences,
+            population_size=population_size,
+            token_mask=self.cfg.token_mask,
+            output_fisher=self.cfg.output_fisher,
+        )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def collect_statistics(
+    model: nn.Module,
+    loader: Iterable,
+    cfg: Optional[LoraDAConfig] = None,
+    loss_fn: Optional[LossFn] = None,
+    *,
+    progress: bool = True,
+    **overrides,
+) -> Statistics:
+    """One forward+backward per batch with hooks; returns the sums and counts ``solve`` needs.
+
+    ``loader`` is any iterable of batches (dicts for Hugging Face models). ``loss_fn(model,
+    batch)`` returns the sum over the batch's sequences of each sequence's mean token loss
+    (default: B * model(**batch).loss). The model comes back exactly as it was, also on error.
+    """
+    cfg = resolve_config(cfg, overrides)
+    dispatch.requested_backend(cfg.backend)  # fail early on a bad LORA_DA_BACKEND
+    targets = find_targets(model, cfg.target_modules)
+    loss_fn = loss_fn or default_loss
+    device = _model_device(model)
+    collector = _Collector(targets, cfg)
+    num_sequences = 0
+    total = len(loader) if hasattr(loader, "__len__") else None
+    handles = []
+    with frozen_eval(model), torch.enable_grad():
+        try:
+            handles = [t.module.register_forward_hook(collector.hook(name)) for name, t in targets.items()]
+            bar = tqdm(loader, total=total, desc="lora_da collect", unit="batch", disable=not progress)
+            for index, batch in enumerate(bar):
+                size = batch_size(batch)
+                if cfg.num_samples is not None and num_sequences + size > cfg.num_samples:
+                    size = cfg.num_samples - num_sequences
+                    batch = _truncate(batch, size)
+                batch = _to_device(batch, device)
+                collector.start_batch(batch, size)
+                loss = loss_fn(model, batch)
+                if loss.dim() != 0:
+                    raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)} at batch {index}")
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss ({loss.item()}) at batch {index}")
+                if not loss.requires_grad:
+                    raise RuntimeError(f"the loss at batch {index} does not depend on any targeted module")
+                loss.backward()
+                collector.finish_batch()
+                num_sequences += size
+                bar.set_postfix(sequences=num_sequences)
+                if cfg.num_samples is not None and num_sequences >= cfg.num_samples:
+                    break
+            bar.close()
+        finally:
+            for handle in handles:
+                handle.remove()
+            collector.events.clear()
+    if num_sequences == 0:
+        raise ValueError("the calibration loader produced no batches")
+    population_size = _population_size(cfg, loader, num_sequences)
+    return collector.statistics(num_sequences, population_size)
+
+
+def _population_size(cfg: LoraDAConfig, loader, num_sequences: int) -> int:
+    if cfg.population_size is not None:
+        return cfg.population_size
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        size, source = len(dataset), "len(loader.dataset)"
+    else:
+        size, source = num_sequences, "the number of calibration sequences"
+    logger.info("lora_da: population_size N = %d (%s); set population_size to the fine-tuning set size", size, source)
+    return size

@@ -1,0 +1,78 @@
+"""Hyperparameters of LoRA-DA (see docs: ALGORITHM.md for the symbols)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+TOKEN_MASKS = ("attention", "labels", "all")
+OUTPUT_FISHERS = ("diagonal", "sequence_lowrank")
+SOLVERS = ("auto", "exact")
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class LoraDAConfig:
+    """Settings of one LoRA-DA initialisation.
+
+    Paper symbols: ``rank`` = r, ``bias_weight`` = alpha, ``variance_weight`` = beta,
+    ``damping`` = lambda, ``gamma`` = gamma, ``population_size`` = N.
+    """
+
+    rank: int = 8
+    target_modules: Optional[Union[str, Sequence[str]]] = None
+    bias_weight: float = 1.0
+    variance_weight: float = 0.03
+    damping: float = 1e-6
+    gamma: float = 1024.0
+    population_size: Optional[int] = None
+    normalize_delta: bool = True
+    token_mask: str = "attention"
+    output_fisher: str = "diagonal"
+    num_samples: Optional[int] = None
+    solver: str = "auto"
+    backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _check_choice("token_mask", self.token_mask, TOKEN_MASKS)
+        _check_choice("output_fisher", self.output_fisher, OUTPUT_FISHERS)
+        _check_choice("solver", self.solver, SOLVERS)
+        _check_choice("backend", self.backend, BACKENDS)
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.bias_weight < 0 or self.variance_weight < 0:
+            raise ValueError(
+                f"bias_weight and variance_weight must be >= 0, got {self.bias_weight} and {self.variance_weight}"
+            )
+        if self.bias_weight == 0 and self.variance_weight == 0:
+            raise ValueError("bias_weight and variance_weight cannot both be 0: the guidance matrix would be 0")
+        if not self.damping > 0:
+            raise ValueError(f"damping must be > 0, got {self.damping}")
+        if not self.gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        for field in ("population_size", "num_samples"):
+            value = getattr(self, field)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{field} must be a positive integer or None, got {value!r}")
+
+    def replace(self, **overrides) -> "LoraDAConfig":
+        """A copy with ``overrides`` applied; unknown names are an error."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown LoraDAConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")
+
+
+def resolve_config(cfg: Optional[LoraDAConfig], overrides: dict) -> LoraDAConfig:
+    """``cfg`` (default config when None) with keyword ``overrides`` applied."""
+    cfg = LoraDAConfig() if cfg is None else cfg
+    return cfg.replace(**overrides) if overrides else cfg

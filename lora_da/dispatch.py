@@ -1,0 +1,89 @@
+"""One small registry between the algorithm and the kernels.
+
+Collect and solve ask for an op by name; the registry picks the implementation for the
+requested backend (``auto`` | ``torch`` | ``triton`` | ``cuda``, or ``LORA_DA_BACKEND`` when the
+config says ``auto``) and the tensors' device, or says why the requested one cannot run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .config import BACKENDS
+
+logger = logging.getLogger(__name__)
+
+# A check returns None when the implementation can run on (device, dtype), else the reason.
+Check = Callable[[torch.device, torch.dtype], Optional[str]]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    backend: str
+    fn: Callable
+    check: Check
+    priority: int  # higher wins under "auto"
+
+
+_REGISTRY: Dict[str, List[Implementation]] = {}
+_announced = set()
+
+
+def register(op: str, backend: str, fn: Callable, check: Optional[Check] = None, priority: int = 0) -> None:
+    """Make ``fn`` the ``backend`` implementation of ``op``."""
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"unknown backend {backend!r}")
+    impls = [i for i in _REGISTRY.get(op, []) if i.backend != backend]
+    impls.append(Implementation(backend, fn, check or (lambda device, dtype: None), priority))
+    _REGISTRY[op] = sorted(impls, key=lambda i: -i.priority)
+
+
+def requested_backend(backend: str) -> str:
+    """``backend``, or ``LORA_DA_BACKEND`` when ``backend`` is ``auto`` and the variable is set."""
+    if backend == "auto":
+        backend = os.environ.get("LORA_DA_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (from LORA_DA_BACKEND?); choose one of {list(BACKENDS)}")
+    return backend
+
+
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Implementation:
+    """The implementation of ``op`` for ``backend`` on tensors of ``device``/``dtype``.
+
+    ``auto`` takes the highest-priority implementation that can run and logs its choice once;
+    an explicit backend that cannot run raises RuntimeError saying why.
+    """
+    backend = requested_backend(backend)
+    impls = _REGISTRY.get(op, [])
+    if backend == "auto":
+        for impl in impls:
+            if impl.check(device, dtype) is None:
+                key = (op, device.type, dtype)
+                if key not in _announced:
+                    _announced.add(key)
+                    logger.info("lora_da: op %s on %s/%s uses backend %r", op, device.type, dtype, impl.backend)
+                return impl
+        raise RuntimeError(f"no backend can run op {op!r} on {device}/{dtype}")
+    for impl in impls:
+        if impl.backend == backend:
+            reason = impl.check(device, dtype)
+            if reason is not None:
+                raise RuntimeError(f"backend {backend!r} cannot run op {op!r} on {device}/{dtype}: {reason}")
+            return impl
+    available = [i.backend for i in impls]
+    raise RuntimeError(
+        f"backend {backend!r} has no implementation of op {op!r} in this version; available: {available}"
+    )
+
+
+def _register_builtin() -> None:
+    from .kernels import reference
+
+    register("fisher_update", "torch", reference.fisher_update, priority=0)
+
+
+_register_builtin()

@@ -1,0 +1,139 @@
+"""Drop-in LoRA-DA initialisation of a Hugging Face PEFT LoRA model, in place."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from .collect import collect_statistics
+from .config import LoraDAConfig, resolve_config
+from .solve import LoraFactors, check_ranks, solve
+from .targets import linear_shape, lora_layers, matches
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InitReport:
+    """What ``initialize`` did and what it cost."""
+
+    adapter_name: str
+    ranks: Dict[str, int]  # module -> r
+    num_sequences: int
+    num_tokens: int
+    population_size: int
+    seconds: Dict[str, float]  # collect, solve, apply
+    statistics_bytes: int
+    peak_memory_bytes: Optional[int]  # accelerator peak during initialize; None on CPU
+
+    @property
+    def modules(self) -> List[str]:
+        return list(self.ranks)
+
+    def __str__(self) -> str:
+        ranks = sorted(set(self.ranks.values()))
+        lines = [
+            f"LoRA-DA initialisation of adapter {self.adapter_name!r}",
+            f"  modules     {len(self.ranks)} (rank {', '.join(map(str, ranks))})",
+            f"  sequences   {self.num_sequences}   counted tokens {self.num_tokens}   population N {self.population_size}",
+            "  seconds     " + "   ".join(f"{k} {v:.2f}" for k, v in self.seconds.items())
+            + f"   total {sum(self.seconds.values()):.2f}",
+            f"  statistics  {self.statistics_bytes / 2**20:.1f} MiB",
+        ]
+        if self.peak_memory_bytes is not None:
+            lines.append(f"  peak memory {self.peak_memory_bytes / 2**20:.1f} MiB")
+        return "\n".join(lines)
+
+
+def _adapter_layers(model: nn.Module, adapter_name: Optional[str], target_modules) -> tuple:
+    """(adapter name, {module name: LoraLayer}) of the layers to initialise; raises on bad input."""
+    layers = lora_layers(model)
+    if not layers:
+        raise TypeError(
+            f"{type(model).__name__} has no PEFT LoRA layers: wrap it with peft.get_peft_model first, "
+            "or call lora_da.collect_statistics + lora_da.solve and apply the factors yourself"
+        )
+    if adapter_name is None:
+        adapter_name = getattr(model, "active_adapter", None)
+        if isinstance(adapter_name, (list, tuple)):
+            if len(adapter_name) != 1:
+                raise ValueError(f"several active adapters {adapter_name}: pass adapter_name=")
+            adapter_name = adapter_name[0]
+    layers = {name: layer for name, layer in layers.items() if adapter_name in layer.lora_A}
+    if not layers:
+        known = sorted({a for layer in lora_layers(model).values() for a in layer.lora_A})
+        raise ValueError(f"no LoRA layer holds adapter {adapter_name!r}; adapters present: {known}")
+    if target_modules is not None:
+        layers = {name: layer for name, layer in layers.items() if matches(name, target_modules)}
+        if not layers:
+            raise ValueError(f"no LoRA layer of adapter {adapter_name!r} matches target_modules={target_modules!r}")
+    for name, layer in layers.items():
+        if linear_shape(layer.get_base_layer()) is None:
+            raise ValueError(f"LoRA layer {name!r} wraps a {type(layer.get_base_layer()).__name__}; only linear layers are supported")
+        if layer.use_dora.get(adapter_name, False):
+            raise ValueError(f"LoRA layer {name!r} uses DoRA, which LoRA-DA does not initialise")
+    return adapter_name, layers
+
+
+def apply_factors(layers: Dict[str, nn.Module], factors: Dict[str, LoraFactors], adapter_name: str) -> None:
+    """Write lora_A/lora_B of ``adapter_name`` in place, in each adapter's dtype and device."""
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for weight, value in ((layer.lora_A[adapter_name].weight, factors[name].lora_A),
+                                  (layer.lora_B[adapter_name].weight, factors[name].lora_B)):
+                weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
+
+
+def initialize(
+    peft_model: nn.Module,
+    loader: Iterable,
+    cfg: Optional[LoraDAConfig] = None,
+    adapter_name: Optional[str] = None,
+    loss_fn: Optional[Callable] = None,
+    *,
+    progress: bool = True,
+    **overrides,
+) -> InitReport:
+    """Initialise a PEFT LoRA adapter with LoRA-DA from one pass over ``loader``.
+
+    Each LoRA layer keeps its own rank (``rank_pattern`` honoured; ``cfg.rank`` is not used);
+    targets are the adapter's LoRA layers, narrowed by ``cfg.target_modules`` when given. The
+    base weights are not touched; statistics are taken with the adapters disabled.
+    """
+    cfg = resolve_config(cfg, overrides)
+    adapter_name, layers = _adapter_layers(peft_model, adapter_name, cfg.target_modules)
+    ranks = {name: layer.r[adapter_name] for name, layer in layers.items()}
+    check_ranks({name: linear_shape(layer.get_base_layer()) for name, layer in layers.items()}, ranks)
+    device = next(peft_model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = {}
+    start = time.perf_counter()
+    disabled = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
+    with disabled:
+        stats = collect_statistics(
+            peft_model, loader, cfg.replace(target_modules=tuple(layers)), loss_fn, progress=progress
+        )
+    seconds["collect"] = time.perf_counter() - start
+    start = time.perf_counter()
+    factors = solve(stats, cfg, ranks=ranks, progress=progress)
+    seconds["solve"] = time.perf_counter() - start
+    start = time.perf_counter()
+    apply_factors(layers, factors, adapter_name)
+    seconds["apply"] = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return InitReport(
+        adapter_name=adapter_name,
+        ranks=ranks,
+        num_sequences=stats.num_sequences,
+        num_tokens=stats.num_tokens,
+        population_size=cfg.population_size or stats.population_size,
+        seconds=seconds,
+        statistics_bytes=stats.nbytes(),
+        peak_memory_bytes=peak,
+    )

@@ -1,0 +1,125 @@
+"""From statistics to LoRA factors: natural-gradient estimate, guidance matrix, subspace."""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import LoraDAConfig, resolve_config
+from .statistics import Statistics
+
+logger = logging.getLogger(__name__)
+
+MAX_DAMPING_RETRIES = 8  # each retry multiplies the input damping by 10
+
+
+@dataclass
+class LoraFactors:
+    """LoRA-DA factors of one module: the adapted weight starts at W0 + s * lora_B @ lora_A."""
+
+    lora_A: torch.Tensor  # [r, n]
+    lora_B: torch.Tensor  # [m, r]
+
+
+def check_ranks(shapes: Mapping[str, Tuple[int, int]], ranks: Mapping[str, int]) -> None:
+    """Raise ValueError naming every module whose rank exceeds min(m, n). shapes: name -> (m, n)."""
+    bad = [f"{name} (r={ranks[name]}, weight {m}x{n})" for name, (m, n) in shapes.items() if ranks[name] > min(m, n)]
+    if bad:
+        raise ValueError(f"rank larger than min(out_features, in_features) for: {', '.join(bad)}")
+
+
+def damped_cholesky(z: torch.Tensor, damping: float, what: str) -> Tuple[torch.Tensor, float]:
+    """Lower Cholesky factor L of Z + damping*I [n, n], retrying with 10x damping on failure."""
+    eye = torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
+    for attempt in range(MAX_DAMPING_RETRIES + 1):
+        factor, info = torch.linalg.cholesky_ex(z + damping * eye)
+        if int(info) == 0:
+            return factor, damping
+        if attempt < MAX_DAMPING_RETRIES:
+            warnings.warn(
+                f"lora_da: input factor of {what} is not positive definite at damping {damping:g}; "
+                f"retrying with {damping * 10:g}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            damping *= 10
+    raise RuntimeError(f"lora_da: Cholesky of the input factor of {what} failed up to damping {damping:g}")
+
+
+def output_scaling(stats: Statistics, name: str, output_fisher: str, damping: float) -> torch.Tensor:
+    """d [m]: the diagonal of the inverse output Fisher factor (fp64)."""
+    if output_fisher == "diagonal":
+        return 1.0 / (stats.output_factor(name).double() + damping)
+    p = stats.sequence_factor(name).double()  # [m, K]
+    k = p.shape[1]
+    gram = damping * torch.eye(k, dtype=p.dtype, device=p.device) + p.T @ p
+    solved = torch.cholesky_solve(p.T, torch.linalg.cholesky(gram)).T  # P (lambda I + P^T P)^-1
+    return torch.clamp_min(1.0 - (p * solved).sum(dim=1), 0.0) / damping
+
+
+def fix_signs(v: torch.Tensor) -> torch.Tensor:
+    """Flip each column of v [n, r] so that its largest-magnitude entry is positive."""
+    index = v.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(torch.gather(v, 0, index))
+    return v * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def exact_subspace(dhat: torch.Tensor, chol: torch.Tensor, c: float, bias_weight: float, rank: int) -> torch.Tensor:
+    """V [n, r]: eigenvectors of Omega = -alpha dhat^T dhat + c Zd^-1 with the smallest eigenvalues.
+
+    dhat: [m, n]; chol: lower Cholesky factor of Zd [n, n]. With c = 0 these are the top-r right
+    singular vectors of dhat.
+    """
+    if c == 0.0:
+        return torch.linalg.svd(dhat, full_matrices=False).Vh[:rank].T
+    omega = -bias_weight * (dhat.T @ dhat) + c * torch.cholesky_inverse(chol)
+    return torch.linalg.eigh(0.5 * (omega + omega.T)).eigenvectors[:, :rank]
+
+
+def solve(
+    stats: Statistics,
+    cfg: Optional[LoraDAConfig] = None,
+    *,
+    ranks: Optional[Mapping[str, int]] = None,
+    progress: bool = True,
+    **overrides,
+) -> Dict[str, LoraFactors]:
+    """LoRA-DA factors for every module in ``stats`` (ALGORITHM.md steps 2-4, exact path).
+
+    ``ranks`` maps module names to their own rank (default ``cfg.rank``). Factors are fp64 when
+    the statistics are, else fp32, on the statistics' device.
+    """
+    cfg = resolve_config(cfg, overrides)
+    ranks = {name: (ranks or {}).get(name, cfg.rank) for name in stats.modules}
+    check_ranks({name: tuple(s.g_sum.shape) for name, s in stats.modules.items()}, ranks)
+    silent = [key for key, entry in stats.inputs.items() if entry.num_tokens == 0]
+    if silent:
+        names = [m for key in silent for m in stats.inputs[key].modules]
+        raise ValueError(f"no counted token reached modules {names}: their statistics are empty")
+    population = cfg.population_size or stats.population_size
+    out_dtype = torch.float64 if stats.dtype == torch.float64 else torch.float32
+    cholesky: Dict[str, torch.Tensor] = {}
+    factors: Dict[str, LoraFactors] = {}
+    for name in tqdm(stats.modules, desc="lora_da solve", unit="module", disable=not progress):
+        key = stats.modules[name].input_key
+        if key not in cholesky:
+            what = "/".join(stats.inputs[key].modules)
+            cholesky[key], _ = damped_cholesky(stats.input_factor(key).double(), cfg.damping, what)
+        chol = cholesky[key]
+        d = output_scaling(stats, name, stats.output_fisher, cfg.damping)
+        gradient = stats.gradient(name).double()
+        delta = -d[:, None] * torch.cholesky_solve(gradient.T, chol).T  # -diag(d) G Zd^-1, [m, n]
+        sigma = float(torch.linalg.matrix_norm(delta, ord=2)) if cfg.normalize_delta else 1.0
+        if sigma == 0.0:
+            raise ValueError(f"module {name!r}: the gradient is zero, LoRA-DA has no direction to follow")
+        dhat = delta / sigma
+        c = cfg.variance_weight * float(d.sum()) / (population * sigma**2)
+        v = fix_signs(exact_subspace(dhat, chol, c, cfg.bias_weight, ranks[name]))
+        scale = 1.0 / math.sqrt(cfg.gamma)
+        factors[name] = LoraFactors((v.T * scale).to(out_dtype), (dhat @ v * scale).to(out_dtype))
+    return factors
