@@ -35,5 +35,5 @@ def fisher_update(
         gradients[k].addmm_(gs.T, xs)
         output_factors[k].addmv_(gs.square().T, weights)
         if sequence_sums is not None:
-            masked = (gs * weights[:, None]).reshape(batch, length, -1)
+            masked = (gs * weights[:, None]).reshape(batch, length, gs.shape[-1])
             sequence_sums[k].copy_(masked.sum(dim=1))

@@ -300,7 +300,6 @@ def collect_statistics(
                 loss.backward()
                 collector.finish_batch()
                 num_sequences += size
-                bar.set_postfix(sequences=num_sequences)
                 if cfg.num_samples is not None and num_sequences >= cfg.num_samples:
                     break
             bar.close()

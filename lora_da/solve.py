@@ -81,6 +81,43 @@ def exact_subspace(dhat: torch.Tensor, chol: torch.Tensor, c: float, bias_weight
     return torch.linalg.eigh(0.5 * (omega + omega.T)).eigenvectors[:, :rank]
 
 
+@dataclass
+class NaturalGradient:
+    """ALGORITHM.md step 2 for one module (fp64)."""
+
+    delta_hat: torch.Tensor  # [m, n]: Delta / sigma
+    sigma: float  # top singular value of Delta (1 when not normalising)
+    d: torch.Tensor  # [m]: output scaling
+    chol: torch.Tensor  # [n, n]: lower Cholesky factor of Zd
+
+    def variance_coefficient(self, cfg: LoraDAConfig, population_size: int) -> float:
+        """c = beta * sum(d) / (N * sigma^2)."""
+        return cfg.variance_weight * float(self.d.sum()) / (population_size * self.sigma**2)
+
+
+def natural_gradient(stats: Statistics, name: str, chol: torch.Tensor, cfg: LoraDAConfig) -> NaturalGradient:
+    """Delta = -diag(d) G Zd^-1 by Cholesky solves, normalised by its top singular value."""
+    d = output_scaling(stats, name, stats.output_fisher, cfg.damping)
+    gradient = stats.gradient(name).double()
+    delta = -d[:, None] * torch.cholesky_solve(gradient.T, chol).T
+    sigma = float(torch.linalg.matrix_norm(delta, ord=2)) if cfg.normalize_delta else 1.0
+    if sigma == 0.0:
+        raise ValueError(f"module {name!r}: the gradient is zero, LoRA-DA has no direction to follow")
+    return NaturalGradient(delta / sigma, sigma, d, chol)
+
+
+def input_choleskys(stats: Statistics, damping: float) -> Dict[str, torch.Tensor]:
+    """Input key -> lower Cholesky factor of Zd = Z + damping*I (fp64), once per distinct input."""
+    silent = [key for key, entry in stats.inputs.items() if entry.num_tokens == 0]
+    if silent:
+        names = [m for key in silent for m in stats.inputs[key].modules]
+        raise ValueError(f"no counted token reached modules {names}: their statistics are empty")
+    return {
+        key: damped_cholesky(stats.input_factor(key).double(), damping, "/".join(entry.modules))[0]
+        for key, entry in stats.inputs.items()
+    }
+
+
 def solve(
     stats: Statistics,
     cfg: Optional[LoraDAConfig] = None,
@@ -97,29 +134,14 @@ def solve(
     cfg = resolve_config(cfg, overrides)
     ranks = {name: (ranks or {}).get(name, cfg.rank) for name in stats.modules}
     check_ranks({name: tuple(s.g_sum.shape) for name, s in stats.modules.items()}, ranks)
-    silent = [key for key, entry in stats.inputs.items() if entry.num_tokens == 0]
-    if silent:
-        names = [m for key in silent for m in stats.inputs[key].modules]
-        raise ValueError(f"no counted token reached modules {names}: their statistics are empty")
+    cholesky = input_choleskys(stats, cfg.damping)
     population = cfg.population_size or stats.population_size
     out_dtype = torch.float64 if stats.dtype == torch.float64 else torch.float32
-    cholesky: Dict[str, torch.Tensor] = {}
+    scale = 1.0 / math.sqrt(cfg.gamma)
     factors: Dict[str, LoraFactors] = {}
     for name in tqdm(stats.modules, desc="lora_da solve", unit="module", disable=not progress):
-        key = stats.modules[name].input_key
-        if key not in cholesky:
-            what = "/".join(stats.inputs[key].modules)
-            cholesky[key], _ = damped_cholesky(stats.input_factor(key).double(), cfg.damping, what)
-        chol = cholesky[key]
-        d = output_scaling(stats, name, stats.output_fisher, cfg.damping)
-        gradient = stats.gradient(name).double()
-        delta = -d[:, None] * torch.cholesky_solve(gradient.T, chol).T  # -diag(d) G Zd^-1, [m, n]
-        sigma = float(torch.linalg.matrix_norm(delta, ord=2)) if cfg.normalize_delta else 1.0
-        if sigma == 0.0:
-            raise ValueError(f"module {name!r}: the gradient is zero, LoRA-DA has no direction to follow")
-        dhat = delta / sigma
-        c = cfg.variance_weight * float(d.sum()) / (population * sigma**2)
-        v = fix_signs(exact_subspace(dhat, chol, c, cfg.bias_weight, ranks[name]))
-        scale = 1.0 / math.sqrt(cfg.gamma)
-        factors[name] = LoraFactors((v.T * scale).to(out_dtype), (dhat @ v * scale).to(out_dtype))
+        ng = natural_gradient(stats, name, cholesky[stats.modules[name].input_key], cfg)
+        c = ng.variance_coefficient(cfg, population)
+        v = fix_signs(exact_subspace(ng.delta_hat, ng.chol, c, cfg.bias_weight, ranks[name]))
+        factors[name] = LoraFactors((v.T * scale).to(out_dtype), (ng.delta_hat @ v * scale).to(out_dtype))
     return factors

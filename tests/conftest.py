@@ -1,0 +1,100 @@
+"""Shared fixtures: the golden data, tiny random models and their calibration batches."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def golden_dir() -> Path:
+    """``LORA_DA_GOLDEN`` or ``shared/golden`` beside the repository."""
+    env = os.environ.get("LORA_DA_GOLDEN")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "golden"
+    if not (path / "manifest.json").exists():
+        raise FileNotFoundError(f"golden data not found at {path}; set LORA_DA_GOLDEN")
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """(folder, manifest, calibration batches at batch size 1)."""
+    from safetensors.torch import load_file
+
+    path = golden_dir()
+    manifest = json.loads((path / "manifest.json").read_text())
+    tensors = load_file(str(path / "calibration.safetensors"))
+    ids = sorted({key.split(".")[0] for key in tensors})
+    batches = [{k: tensors[f"{i}.{k}"][None] for k in ("input_ids", "attention_mask", "labels")} for i in ids]
+    assert len(batches) == manifest["num_sequences"]
+    return path, manifest, batches
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float64):
+    """A random 2-layer Llama (hidden 24, GQA, gated MLP 40, vocab 50)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0, dtype=torch.float64):
+    """A random 2-layer GPT-2 (Conv1D layers), hidden 16."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=2, n_head=2, pad_token_id=0)
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def random_batches(sizes, seed: int = 0, vocab: int = 50, padding: str = "right", max_len: int = 11):
+    """Batches of random sequences with lengths 3..max_len, padded left or right, labels -100 on
+    padding and on a random-length prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for size in sizes:
+        lengths = torch.randint(3, max_len + 1, (size,), generator=generator).tolist()
+        width = max(lengths)
+        ids = torch.zeros((size, width), dtype=torch.long)
+        mask = torch.zeros((size, width), dtype=torch.long)
+        labels = torch.full((size, width), -100, dtype=torch.long)
+        for row, length in enumerate(lengths):
+            cols = slice(0, length) if padding == "right" else slice(width - length, width)
+            tokens = torch.randint(1, vocab, (length,), generator=generator)
+            ids[row, cols] = tokens
+            mask[row, cols] = 1
+            prompt = int(torch.randint(0, length - 1, (1,), generator=generator))
+            row_labels = tokens.clone()
+            row_labels[:prompt] = -100
+            labels[row, cols] = row_labels
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def model_state(model):
+    """Everything collection must leave as it was: parameter values and flags, modes, hooks."""
+    return {
+        "params": {n: (p.detach().clone(), p.requires_grad, p.grad) for n, p in model.named_parameters()},
+        "modes": {n: m.training for n, m in model.named_modules()},
+        "hooks": {
+            n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for n, m in model.named_modules()
+        },
+    }
+
+
+def assert_same_state(before, after):
+    assert before["modes"] == after["modes"]
+    assert before["hooks"] == after["hooks"]
+    assert before["params"].keys() == after["params"].keys()
+    for name, (value, flag, grad) in before["params"].items():
+        new_value, new_flag, new_grad = after["params"][name]
+        assert flag == new_flag, name
+        assert torch.equal(value, new_value), name
+        assert grad is None and new_grad is None, name

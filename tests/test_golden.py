@@ -1,0 +1,40 @@
+"""The authors' own factors on the golden tiny model: BA per module within tolerance."""
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import lora_da
+from conftest import TARGETS
+
+VARIANTS = ["default", "no_variance", "strong_variance"]
+
+
+def relative_errors(golden, variant, dtype, **overrides):
+    path, manifest, batches = golden
+    model = AutoModelForCausalLM.from_pretrained(str(path / "model")).to(dtype)
+    cfg = lora_da.LoraDAConfig(target_modules=TARGETS, **manifest["variants"][variant], **overrides)
+    stats = lora_da.collect_statistics(model, batches, cfg, progress=False)
+    factors = lora_da.solve(stats, cfg, progress=False)
+    expected = load_file(str(path / f"expected-{variant}.safetensors"))
+    assert {f"{name}.BA" for name in factors} == {k for k in expected if k.endswith(".BA")}
+    errors = {}
+    for name, f in factors.items():
+        assert f.lora_A.dtype == f.lora_B.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        ba = f.lora_B.double() @ f.lora_A.double()
+        want = expected[f"{name}.BA"]
+        errors[name] = float(torch.linalg.norm(ba - want) / torch.linalg.norm(want))
+    return errors
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_golden_fp64(golden, variant):
+    errors = relative_errors(golden, variant, torch.float64)
+    assert len(errors) == 14
+    assert max(errors.values()) <= 5e-5, errors
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_golden_fp32(golden, variant):
+    errors = relative_errors(golden, variant, torch.float32)
+    assert max(errors.values()) <= 1e-2, errors
