@@ -125,6 +125,7 @@ class _Collector:
         self.modules: Dict[str, ModuleStatistics] = {}
         self.token_tensors: Dict[str, torch.Tensor] = {}  # input key -> counted tokens (on device)
         self.seq_sums: Dict[str, List[torch.Tensor]] = {name: [] for name in targets}
+        self.current_batch_size = 0
 
     def hook(self, name: str):
         def forward_hook(module, args, output):
@@ -273,6 +274,11 @@ def collect_statistics(
     cfg = resolve_config(cfg, overrides)
     dispatch.requested_backend(cfg.backend)  # fail early on a bad LORA_DA_BACKEND
     targets = find_targets(model, cfg.target_modules)
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise ValueError(
+            "gradient checkpointing re-runs forward hooks during backward and would count tokens twice; "
+            "disable it for collection (model.gradient_checkpointing_disable()) and enable it again after"
+        )
     loss_fn = loss_fn or default_loss
     device = _model_device(model)
     collector = _Collector(targets, cfg)

@@ -1,7 +1,6 @@
 """From statistics to LoRA factors: natural-gradient estimate, guidance matrix, subspace."""
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -13,7 +12,6 @@ from tqdm.auto import tqdm
 from .config import LoraDAConfig, resolve_config
 from .statistics import Statistics
 
-logger = logging.getLogger(__name__)
 
 MAX_DAMPING_RETRIES = 8  # each retry multiplies the input damping by 10
 

@@ -112,3 +112,14 @@ def test_labels_mask_needs_labels(model):
 def test_dora_is_refused():
     _, peft_model = peft_llama(use_dora=True)
     check(peft_model, lambda: lora_da.initialize(peft_model, random_batches([2]), progress=False), ValueError, "DoRA")
+
+
+def test_gradient_checkpointing_is_refused(model):
+    model.gradient_checkpointing_enable()
+    check(model, lambda: collect(model, random_batches([2])), ValueError, "gradient checkpointing")
+
+
+def test_successful_collection_leaves_the_model_as_it_was(model):
+    before = model_state(model)
+    collect(model, random_batches([2, 3]))
+    assert_same_state(before, model_state(model))  # no .grad either
