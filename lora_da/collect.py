@@ -277,7 +277,7 @@ def collect_statistics(
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise ValueError(
             "gradient checkpointing re-runs forward hooks during backward and would count tokens twice; "
-            "disable it for collection (model.gradient_checkpointing_disable()) and enable it again after"
+            "disable it for collection (model.activation_checkpointing_disable()) and enable it again after"
         )
     loss_fn = loss_fn or default_loss
     device = _model_device(model)

@@ -115,7 +115,7 @@ def test_dora_is_refused():
 
 
 def test_gradient_checkpointing_is_refused(model):
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     check(model, lambda: collect(model, random_batches([2])), ValueError, "gradient checkpointing")
 
 
