@@ -19,7 +19,8 @@ def fisher_update(
 
     x: [B, L, n] layer input; mask: [B, L] (1 = counted token); grads[k]: [B, L, m_k] output
     gradients. With A the accumulators' dtype:
-      input_factor [n, n] (A)     += x^T diag(mask) x          (skipped when None)
+      input_factor [n, n] (A)     += x^T diag(mask) x          (skipped when None; kernels may
+                                                                 update only the upper triangle)
       gradients[k] [m_k, n] (A)   += grads[k]^T x               (every token)
       output_factors[k] [m_k] (A) += sum_t mask_t grads[k][t]^2
       sequence_sums[k] [B, m_k]    = sum_t mask_t grads[k][b, t] (overwritten; optional)

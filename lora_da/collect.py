@@ -237,6 +237,7 @@ class _Collector:
             raise RuntimeError(f"targeted modules never received an output gradient during collection: {missing}")
         for key, entry in self.inputs.items():
             entry.num_tokens = int(self.token_tensors[key])
+            entry.z_sum = mirror_upper(entry.z_sum)
         if self.cfg.output_fisher == "sequence_lowrank":
             for name, stats in self.modules.items():
                 stats.sequence_sums = torch.cat(self.seq_sums[name])
@@ -249,6 +250,11 @@ class _Collector:
             token_mask=self.cfg.token_mask,
             output_fisher=self.cfg.output_fisher,
         )
+
+
+def mirror_upper(z: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is that of z [n, n] (kernels fill only that)."""
+    return torch.triu(z) + torch.triu(z, diagonal=1).T
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -6,6 +6,8 @@ config says ``auto``) and the tensors' device, or says why the requested one can
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -27,18 +29,20 @@ class Implementation:
     fn: Callable
     check: Check
     priority: int  # higher wins under "auto"
+    auto_devices: tuple  # device types on which "auto" may pick it
 
 
 _REGISTRY: Dict[str, List[Implementation]] = {}
 _announced = set()
 
 
-def register(op: str, backend: str, fn: Callable, check: Optional[Check] = None, priority: int = 0) -> None:
+def register(op: str, backend: str, fn: Callable, check: Optional[Check] = None, priority: int = 0,
+             auto_devices: tuple = ("cpu", "cuda")) -> None:
     """Make ``fn`` the ``backend`` implementation of ``op``."""
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"unknown backend {backend!r}")
     impls = [i for i in _REGISTRY.get(op, []) if i.backend != backend]
-    impls.append(Implementation(backend, fn, check or (lambda device, dtype: None), priority))
+    impls.append(Implementation(backend, fn, check or (lambda device, dtype: None), priority, tuple(auto_devices)))
     _REGISTRY[op] = sorted(impls, key=lambda i: -i.priority)
 
 
@@ -51,6 +55,14 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
+def find(op: str, backend: str) -> Implementation:
+    """The registered ``backend`` implementation of ``op``; KeyError when there is none."""
+    for impl in _REGISTRY.get(op, []):
+        if impl.backend == backend:
+            return impl
+    raise KeyError(f"no {backend!r} implementation of {op!r}")
+
+
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Implementation:
     """The implementation of ``op`` for ``backend`` on tensors of ``device``/``dtype``.
 
@@ -61,7 +73,7 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
     impls = _REGISTRY.get(op, [])
     if backend == "auto":
         for impl in impls:
-            if impl.check(device, dtype) is None:
+            if device.type in impl.auto_devices and impl.check(device, dtype) is None:
                 key = (op, device.type, dtype)
                 if key not in _announced:
                     _announced.add(key)
@@ -80,10 +92,51 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
     )
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def lazy(module: str, name: str) -> Callable:
+    """``module.name``, imported on first call (keeps Triton and CUDA code out of import time)."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+def triton_check(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if dtype not in KERNEL_DTYPES:
+        return f"the Triton kernels take {[str(d) for d in KERNEL_DTYPES]}; {dtype} stays on the torch backend"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before lora_da's kernels are imported)"
+    return f"Triton does not run on {device.type}"
+
+
+def cuda_check(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    from . import _extension
+
+    if device.type != "cuda":
+        return f"the CUDA extension runs on CUDA tensors, not {device.type}"
+    if dtype not in KERNEL_DTYPES:
+        return f"the CUDA kernels take {[str(d) for d in KERNEL_DTYPES]}; {dtype} stays on the torch backend"
+    return _extension.load_error()
+
+
 def _register_builtin() -> None:
     from .kernels import reference
 
     register("fisher_update", "torch", reference.fisher_update, priority=0)
+    register("fisher_update", "triton", lazy("lora_da.kernels.fisher_triton", "fisher_update"), triton_check,
+             priority=1, auto_devices=("cuda",))
+    register("fisher_update", "cuda", lazy("lora_da._extension", "fisher_update"), cuda_check,
+             priority=2, auto_devices=("cuda",))
 
 
 _register_builtin()

@@ -38,3 +38,10 @@ def test_golden_fp64(golden, variant):
 def test_golden_fp32(golden, variant):
     errors = relative_errors(golden, variant, torch.float32)
     assert max(errors.values()) <= 1e-2, errors
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_golden_fp32_triton(golden, variant):
+    """The Triton kernels (interpreted on CPU) inside the whole pipeline."""
+    errors = relative_errors(golden, variant, torch.float32, backend="triton")
+    assert max(errors.values()) <= 1e-2, errors

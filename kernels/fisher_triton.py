@@ -1,0 +1,195 @@
+"""Triton implementation of the statistics op (see ``reference.fisher_update`` for the contract).
+
+Two kernels per call:
+  * ``_z_upper_kernel``: Z += X^T diag(M) X on the upper-triangular tiles only, reading just the
+    counted tokens through a device-side index list (no host synchronisation);
+  * ``_g_kernel``: G_k += Gout_k^T X over every token, with y_k += sum_t M_t Gout_k[t]^2 fused
+    into the programs of the first column of tiles.
+Accumulation is fp32; fp32 inputs use IEEE products (no TF32). Under ``TRITON_INTERPRET=1`` tiles
+are cast to fp32 after loading (the interpreter computes bf16 wrongly) and a CPU timer drives the
+autotuner.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import statistics as _stats
+import time
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cpu_do_bench(fn, quantiles=None, **_):
+    """Median wall time in ms (the autotuner's timer under the interpreter)."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    median = _stats.median(times)
+    return [median] * len(quantiles) if quantiles else median
+
+
+def _configs(gpu: Sequence[dict], interpret: dict):
+    if INTERPRET:
+        return [triton.Config(interpret, num_warps=1)]
+    return [triton.Config({k: v for k, v in c.items() if k not in ("warps", "stages")}, num_warps=c["warps"],
+                          num_stages=c["stages"]) for c in gpu]
+
+
+_AUTOTUNE_EXTRA = {"do_bench": _cpu_do_bench} if INTERPRET else {}
+
+_Z_CONFIGS = _configs(
+    [
+        {"BLOCK_N": 128, "BLOCK_T": 64, "warps": 8, "stages": 3},
+        {"BLOCK_N": 128, "BLOCK_T": 32, "warps": 4, "stages": 4},
+        {"BLOCK_N": 64, "BLOCK_T": 64, "warps": 4, "stages": 4},
+        {"BLOCK_N": 128, "BLOCK_T": 64, "warps": 4, "stages": 3},
+    ],
+    {"BLOCK_N": 16, "BLOCK_T": 16},
+)
+_G_CONFIGS = _configs(
+    [
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_T": 64, "warps": 8, "stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_T": 32, "warps": 4, "stages": 4},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_T": 64, "warps": 4, "stages": 4},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_T": 64, "warps": 4, "stages": 4},
+    ],
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_T": 16},
+)
+
+
+@triton.jit
+def _tile_pair(pid, num_tiles):
+    """(i, j), i <= j, of the pid-th upper-triangular tile, rows of the triangle in order."""
+    # row i starts at i * num_tiles - i * (i - 1) / 2; invert with a float estimate, then correct
+    nt = num_tiles.to(tl.float32)
+    p = pid.to(tl.float32)
+    i = ((2.0 * nt + 1.0 - tl.sqrt((2.0 * nt + 1.0) * (2.0 * nt + 1.0) - 8.0 * p)) / 2.0).to(tl.int32)
+    start = i * num_tiles - (i * (i - 1)) // 2
+    i = tl.where(pid < start, i - 1, i)
+    start = i * num_tiles - (i * (i - 1)) // 2
+    next_start = start + num_tiles - i
+    i = tl.where(pid >= next_start, i + 1, i)
+    start = i * num_tiles - (i * (i - 1)) // 2
+    return i, i + (pid - start)
+
+
+@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY"], restore_value=["z_ptr"], **_AUTOTUNE_EXTRA)
+@triton.jit
+def _z_upper_kernel(x_ptr, order_ptr, count_ptr, z_ptr, n, stride_xt, stride_zn, DTYPE_KEY,
+                    IEEE: tl.constexpr, CAST_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    num_tiles = tl.cdiv(n, BLOCK_N)
+    ti, tj = _tile_pair(tl.program_id(0), num_tiles)
+    cols_i = ti * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_j = tj * BLOCK_N + tl.arange(0, BLOCK_N)
+    count = tl.load(count_ptr)
+    acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+    for t0 in range(0, count, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        live = t < count
+        token = tl.load(order_ptr + t, mask=live, other=0).to(tl.int64)
+        a = tl.load(x_ptr + token[:, None] * stride_xt + cols_i[None, :], mask=live[:, None] & (cols_i[None, :] < n), other=0.0)
+        b = tl.load(x_ptr + token[:, None] * stride_xt + cols_j[None, :], mask=live[:, None] & (cols_j[None, :] < n), other=0.0)
+        if CAST_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(tl.trans(a), b, input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(a), b)
+    z_ptrs = z_ptr + cols_i[:, None] * stride_zn + cols_j[None, :]
+    inside = (cols_i[:, None] < n) & (cols_j[None, :] < n)
+    tl.store(z_ptrs, tl.load(z_ptrs, mask=inside, other=0.0) + acc, mask=inside)
+
+
+@triton.autotune(configs=_G_CONFIGS, key=["m", "n", "DTYPE_KEY"], restore_value=["g_ptr", "y_ptr"], **_AUTOTUNE_EXTRA)
+@triton.jit
+def _g_kernel(x_ptr, grad_ptr, mask_ptr, g_ptr, y_ptr, tokens, m, n, stride_xt, stride_gt, stride_gm, DTYPE_KEY,
+              IEEE: tl.constexpr, CAST_F32: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    y_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t0 in range(0, tokens, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        live = t < tokens
+        g = tl.load(grad_ptr + t[:, None].to(tl.int64) * stride_gt + rows[None, :], mask=live[:, None] & (rows[None, :] < m), other=0.0)
+        x = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_xt + cols[None, :], mask=live[:, None] & (cols[None, :] < n), other=0.0)
+        if CAST_F32:
+            g = g.to(tl.float32)
+            x = x.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(tl.trans(g), x, input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(g), x)
+        if pid_n == 0:
+            weight = tl.load(mask_ptr + t, mask=live, other=0.0)
+            g32 = g.to(tl.float32)
+            y_acc += tl.sum(g32 * g32 * weight[:, None], axis=0)
+    g_ptrs = g_ptr + rows[:, None] * stride_gm + cols[None, :]
+    inside = (rows[:, None] < m) & (cols[None, :] < n)
+    tl.store(g_ptrs, tl.load(g_ptrs, mask=inside, other=0.0) + acc, mask=inside)
+    if pid_n == 0:
+        y_ptrs = y_ptr + rows
+        tl.store(y_ptrs, tl.load(y_ptrs, mask=rows < m, other=0.0) + y_acc, mask=rows < m)
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype_key(dtype: torch.dtype) -> int:
+    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+
+
+def counted_order(mask: torch.Tensor):
+    """(order [T] int32: counted tokens first, count [1] int32), built on the device without sync."""
+    flat = mask.reshape(-1)
+    order = torch.argsort((~flat.bool()).to(torch.int8), stable=True).to(torch.int32)
+    return order, flat.sum(dtype=torch.int32).reshape(1)
+
+
+def fisher_update(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    grads: Sequence[torch.Tensor],
+    input_factor: Optional[torch.Tensor],
+    gradients: Sequence[torch.Tensor],
+    output_factors: Sequence[torch.Tensor],
+    sequence_sums: Optional[Sequence[torch.Tensor]] = None,
+) -> None:
+    """Triton version of ``reference.fisher_update``; writes only the upper triangle of Z.
+
+    x: [B, L, n] (fp32/fp16/bf16); mask: [B, L]; grads[k]: [B, L, m_k]; accumulators fp32.
+    """
+    batch, length, n = x.shape
+    tokens = batch * length
+    xs = x.reshape(tokens, n)
+    if xs.stride(1) != 1:
+        xs = xs.contiguous()
+    weights = mask.reshape(tokens).to(torch.float32)
+    ieee = x.dtype == torch.float32
+    key = _dtype_key(x.dtype)
+    if input_factor is not None and tokens > 0:
+        order, count = counted_order(mask)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * (triton.cdiv(n, meta["BLOCK_N"]) + 1) // 2,)  # noqa: E731
+        _z_upper_kernel[grid](xs, order, count, input_factor, n, xs.stride(0), input_factor.stride(0), key,
+                              IEEE=ieee, CAST_F32=INTERPRET)
+    for k, grad in enumerate(grads):
+        m = grad.shape[-1]
+        gs = grad.reshape(tokens, m)
+        if gs.stride(1) != 1:
+            gs = gs.contiguous()
+        if tokens > 0:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+            _g_kernel[grid](xs, gs, weights, gradients[k], output_factors[k], tokens, m, n, xs.stride(0), gs.stride(0),
+                            gradients[k].stride(0), key, IEEE=ieee, CAST_F32=INTERPRET)
+        if sequence_sums is not None:
+            masked = gs.to(torch.float32) * weights[:, None]
+            sequence_sums[k].copy_(masked.reshape(batch, length, m).sum(dim=1))

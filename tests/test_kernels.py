@@ -1,0 +1,124 @@
+"""Every kernel backend of the statistics op against the PyTorch reference and an fp64 truth.
+
+A kernel passes when its error against fp64 is at most twice the reference's error in the same
+precision, plus a small absolute term. Accumulators start from random values (the op adds),
+per-sequence sums start poisoned with NaN (the op must write every element).
+"""
+import pytest
+import torch
+
+from lora_da import dispatch
+from lora_da.kernels import reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = [b for b in ("triton", "cuda") if dispatch.find("fisher_update", b).check(DEVICE, torch.float32) is None]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+SHAPES = [  # (B, L, n, [m_k], mask kind)
+    (1, 1, 5, [3], "all"),  # a single token
+    (2, 7, 37, [19, 5, 37], "tails"),  # odd sizes, several modules on one input (q/k/v-like)
+    (3, 0, 9, [6], "all"),  # zero tokens
+    (2, 9, 20, [33], "none"),  # every token masked
+    (3, 11, 48, [17, 40], "random"),  # several tiles, scattered counted tokens
+]
+
+
+def make_inputs(b, length, n, ms, kind, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, length, n, generator=gen)
+    grads = [torch.randn(b, length, m, generator=gen) for m in ms]
+    if kind == "all":
+        mask = torch.ones(b, length, dtype=torch.bool)
+    elif kind == "none":
+        mask = torch.zeros(b, length, dtype=torch.bool)
+    elif kind == "tails":
+        keep = torch.randint(0, length + 1, (b,), generator=gen)
+        mask = torch.arange(length)[None, :] < keep[:, None]
+    else:
+        mask = torch.rand(b, length, generator=gen) < 0.5
+    to = lambda t: t.to(DEVICE, dtype)  # noqa: E731
+    return to(x), mask.to(DEVICE), [to(g) for g in grads]
+
+
+def accumulators(n, ms, seed, poison_sequences, b):
+    gen = torch.Generator().manual_seed(seed + 1)
+    acc = {
+        "z": torch.randn(n, n, generator=gen),
+        "g": [torch.randn(m, n, generator=gen) for m in ms],
+        "y": [torch.rand(m, generator=gen) for m in ms],
+        "s": [torch.full((b, m), float("nan") if poison_sequences else 0.0) for m in ms],
+    }
+    return {k: (v.to(DEVICE) if torch.is_tensor(v) else [t.to(DEVICE) for t in v]) for k, v in acc.items()}
+
+
+def run(fn, x, mask, grads, acc):
+    fn(x, mask, grads, acc["z"], acc["g"], acc["y"], acc["s"])
+    return acc
+
+
+def assert_within_twice_reference(kernel, ref, truth, name):
+    scale = truth.abs().max().item() + 1.0
+    kernel_err = (kernel.double() - truth).abs().max().item()
+    ref_err = (ref.double() - truth).abs().max().item()
+    assert kernel_err <= 2 * ref_err + 1e-5 * scale, f"{name}: kernel error {kernel_err:.3g}, reference {ref_err:.3g}"
+
+
+@pytest.mark.skipif(not BACKENDS, reason="no kernel backend can run here")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-{s[4]}")
+def test_kernel_matches_reference(backend, dtype, shape):
+    b, length, n, ms, kind = shape
+    x, mask, grads = make_inputs(b, length, n, ms, kind, dtype, seed=n + length)
+    impl = dispatch.resolve("fisher_update", backend, DEVICE, dtype)
+    got = run(impl.fn, x, mask, grads, accumulators(n, ms, n, True, b))
+    ref = run(reference.fisher_update, x, mask, grads, accumulators(n, ms, n, True, b))
+    truth = run(reference.fisher_update, x.double(), mask, [g.double() for g in grads],
+                {k: (v.double() if torch.is_tensor(v) else [t.double() for t in v])
+                 for k, v in accumulators(n, ms, n, False, b).items()})
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=DEVICE))
+    assert_within_twice_reference(got["z"][upper], ref["z"][upper], truth["z"][upper], "Z (upper triangle)")
+    for k in range(len(ms)):
+        assert_within_twice_reference(got["g"][k], ref["g"][k], truth["g"][k], f"G[{k}]")
+        assert_within_twice_reference(got["y"][k], ref["y"][k], truth["y"][k], f"y[{k}]")
+        assert_within_twice_reference(got["s"][k], ref["s"][k], truth["s"][k], f"sequence sums[{k}]")
+
+
+@pytest.mark.skipif(not BACKENDS, reason="no kernel backend can run here")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_accumulates_over_calls(backend):
+    n, ms = 21, [13, 8]
+    impl = dispatch.resolve("fisher_update", backend, DEVICE, torch.float32)
+    got = accumulators(n, ms, 0, False, 2)
+    ref = accumulators(n, ms, 0, False, 2)
+    for seed in range(3):
+        x, mask, grads = make_inputs(2, 5 + seed, n, ms, "tails", torch.float32, seed)
+        run(impl.fn, x, mask, grads, got)
+        run(reference.fisher_update, x, mask, grads, ref)
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=DEVICE))
+    torch.testing.assert_close(got["z"][upper], ref["z"][upper], rtol=1e-5, atol=1e-5)
+    for k in range(len(ms)):
+        torch.testing.assert_close(got["g"][k], ref["g"][k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["y"][k], ref["y"][k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not BACKENDS, reason="no kernel backend can run here")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_collect_statistics_with_backend_equals_torch(backend):
+    import lora_da
+    from conftest import random_batches, tiny_llama
+
+    model = tiny_llama(seed=30, dtype=torch.float32).to(DEVICE)
+    batches = random_batches([2, 3], seed=31, padding="left")
+    cfg = lora_da.LoraDAConfig(output_fisher="sequence_lowrank", token_mask="labels")
+    want = lora_da.collect_statistics(model, batches, cfg, backend="torch", progress=False)
+    got = lora_da.collect_statistics(model, batches, cfg, backend=backend, progress=False)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    for key in want.inputs:
+        assert rel(got.inputs[key].z_sum, want.inputs[key].z_sum) <= 1e-5
+    for name in want.modules:
+        for field in ("g_sum", "y_sum", "sequence_sums"):
+            assert rel(getattr(got.modules[name], field), getattr(want.modules[name], field)) <= 1e-5, (name, field)
