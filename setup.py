@@ -12,7 +12,7 @@ import sys
 from setuptools import setup
 
 REQUIRE_CUDA = os.environ.get("LORA_DA_REQUIRE_CUDA", "0") == "1"
-SOURCES = ["csrc/ops.cpp", "csrc/axpy.cu"]
+SOURCES = ["csrc/ops.cpp", "csrc/axpy.cu", "csrc/fisher.cu"]
 VERSIONED_LIBS = ("cublas", "cusolver")
 
 
@@ -77,6 +77,7 @@ def cuda_build_options():
                 if REQUIRE_CUDA:
                     raise
                 say(f"building without the CUDA extension: compilation failed ({error})")
+                self.extensions = [e for e in self.extensions if e is not ext]  # nothing to copy or package
 
     say(f"building lora_da._C with CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     extension = CUDAExtension(

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import write_sequence_sums
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -191,5 +193,4 @@ def fisher_update(
             _g_kernel[grid](xs, gs, weights, gradients[k], output_factors[k], tokens, m, n, xs.stride(0), gs.stride(0),
                             gradients[k].stride(0), key, IEEE=ieee, CAST_F32=INTERPRET)
         if sequence_sums is not None:
-            masked = gs.to(torch.float32) * weights[:, None]
-            sequence_sums[k].copy_(masked.reshape(batch, length, m).sum(dim=1))
+            write_sequence_sums(gs, weights, batch, length, sequence_sums[k])

@@ -36,5 +36,10 @@ def fisher_update(
         gradients[k].addmm_(gs.T, xs)
         output_factors[k].addmv_(gs.square().T, weights)
         if sequence_sums is not None:
-            masked = (gs * weights[:, None]).reshape(batch, length, gs.shape[-1])
-            sequence_sums[k].copy_(masked.sum(dim=1))
+            write_sequence_sums(gs, weights, batch, length, sequence_sums[k])
+
+
+def write_sequence_sums(grad: torch.Tensor, weights: torch.Tensor, batch: int, length: int, out: torch.Tensor) -> None:
+    """out [B, m] = per-sequence sums of weights_t * grad[t] (grad [B*L, m], weights [B*L])."""
+    masked = grad.to(out.dtype) * weights.to(out.dtype)[:, None]
+    out.copy_(masked.reshape(batch, length, grad.shape[-1]).sum(dim=1))

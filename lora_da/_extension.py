@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -37,3 +37,31 @@ def axpy_(y: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
         raise RuntimeError(f"lora_da._C ops run on CUDA tensors; got a tensor on {y.device}")
     ops().axpy_(y, x, alpha)
     return y
+
+
+def fisher_update(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    grads: Sequence[torch.Tensor],
+    input_factor: Optional[torch.Tensor],
+    gradients: Sequence[torch.Tensor],
+    output_factors: Sequence[torch.Tensor],
+    sequence_sums: Optional[Sequence[torch.Tensor]] = None,
+) -> None:
+    """CUDA version of ``reference.fisher_update`` (cuBLAS for G, tensor-core triangle kernel for Z;
+    writes only the upper triangle of Z). x: [B, L, n]; mask: [B, L]; grads[k]: [B, L, m_k]."""
+    from .kernels.reference import write_sequence_sums
+
+    batch, length, n = x.shape
+    tokens = batch * length
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(tokens, t.shape[-1])
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    xs, gs = rows(x), [rows(g) for g in grads]
+    flat_mask = mask.reshape(tokens)
+    ops().fisher_update_(xs, flat_mask, gs, input_factor, list(gradients), list(output_factors))
+    if sequence_sums is not None:
+        for g, out in zip(gs, sequence_sums):
+            write_sequence_sums(g, flat_mask, batch, length, out)

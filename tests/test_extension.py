@@ -41,3 +41,17 @@ def test_axpy_on_gpu_matches_torch():
         want = y + 0.5 * x
         _extension.axpy_(y, x, 0.5)
         torch.testing.assert_close(y, want)
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="torch is not a CUDA build or nvcc is missing: nothing to build")
+def test_fisher_op_schema_and_argument_checks_on_meta():
+    meta = dict(device="meta")
+    x, mask, grad = torch.empty(10, 7, **meta), torch.empty(10, **meta), torch.empty(10, 5, **meta)
+    ops = _extension.ops()
+    ops.fisher_update_(x, mask, [grad], torch.empty(7, 7, **meta), [torch.empty(5, 7, **meta)], [torch.empty(5, **meta)])
+    with pytest.raises(RuntimeError, match="G 0 must be contiguous fp32"):
+        ops.fisher_update_(x, mask, [grad], None, [torch.empty(4, 7, **meta)], [torch.empty(5, **meta)])
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        ops.fisher_update_(x.double(), mask, [], None, [], [])
+    with pytest.raises(NotImplementedError, match="CPU"):
+        ops.fisher_update_(torch.zeros(3, 2), torch.ones(3), [], None, [], [])

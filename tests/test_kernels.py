@@ -122,3 +122,25 @@ def test_collect_statistics_with_backend_equals_torch(backend):
     for name in want.modules:
         for field in ("g_sum", "y_sum", "sequence_sums"):
             assert rel(getattr(got.modules[name], field), getattr(want.modules[name], field)) <= 1e-5, (name, field)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or not BACKENDS, reason="bf16 kernels are checked on a GPU")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_collect_statistics_bf16_model(backend):
+    """bf16 model on GPU: the kernels' statistics differ from the fp32-accumulating reference by no
+    more than twice what rounding the exact result to bf16 (PyTorch's bf16 matmul) costs."""
+    import lora_da
+    from conftest import random_batches, tiny_llama
+
+    model = tiny_llama(seed=32, dtype=torch.bfloat16).to(DEVICE)
+    batches = random_batches([4, 3], seed=33)
+    want = lora_da.collect_statistics(model, batches, backend="torch", progress=False)
+    got = lora_da.collect_statistics(model, batches, backend=backend, progress=False)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    pairs = [(got.inputs[k].z_sum, want.inputs[k].z_sum) for k in want.inputs]
+    pairs += [(getattr(got.modules[n], f), getattr(want.modules[n], f)) for n in want.modules for f in ("g_sum", "y_sum")]
+    for kernel, exact in pairs:
+        assert rel(kernel, exact) <= 2 * rel(exact.bfloat16().float(), exact) + 1e-6

@@ -104,8 +104,20 @@ def test_dispatch_auto_takes_torch_on_cpu_and_says_so(caplog):
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_dispatch_explicit_backend_that_cannot_run_says_why(backend):
-    with pytest.raises(RuntimeError, match=f"backend '{backend}'"):
-        dispatch.resolve("fisher_update", backend, torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' cannot run .*torch.float64 stays on the torch"):
+        dispatch.resolve("fisher_update", backend, torch.device("cuda"), torch.float64)
+    with pytest.raises(RuntimeError, match="CUDA tensors, not cpu"):
+        dispatch.resolve("fisher_update", "cuda", torch.device("cpu"), torch.float32)
+
+
+def test_dispatch_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        dispatch.resolve("fisher_update", "triton", torch.device("cpu"), torch.float32)
+
+
+def test_dispatch_auto_never_interprets_on_cpu():
+    assert dispatch.resolve("fisher_update", "auto", torch.device("cpu"), torch.float16).backend == "torch"
 
 
 def test_dispatch_environment_variable(monkeypatch):

@@ -1,4 +1,5 @@
-"""pytest-benchmark microbenchmarks of the statistics op and the two pipeline stages on CPU.
+"""pytest-benchmark microbenchmarks of the statistics op (every backend that runs here, timed on
+its device) and of the two pipeline stages on CPU.
 
 Run: .venv/bin/python -m pytest benchmarks --benchmark-enable --benchmark-columns=median,iqr,min,max
 (in the test suite they run once each, as smoke tests, with benchmarking disabled).
@@ -7,23 +8,35 @@ import pytest
 import torch
 
 import lora_da
-from lora_da.kernels import reference
+from lora_da import dispatch
 
 # SmolLM2-135M's q/k/v group (n = 576 -> m = 576, 192, 192) and its down_proj (1536 -> 576)
 SHAPES = {"qkv": (576, [576, 192, 192]), "down": (1536, [576])}
+CASES = [("torch", "cpu", torch.float32)]
+if torch.cuda.is_available():
+    CASES += [(b, "cuda", torch.bfloat16) for b in ("torch", "triton", "cuda")
+              if dispatch.find("fisher_update", b).check(torch.device("cuda"), torch.bfloat16) is None]
 
 
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
 @pytest.mark.parametrize("group", list(SHAPES))
 @pytest.mark.parametrize("tokens", [256, 1024])
-def test_fisher_update_reference(benchmark, group, tokens):
+def test_fisher_update(benchmark, backend, device, dtype, group, tokens):
     n, ms = SHAPES[group]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, tokens, n, generator=gen)
-    grads = [torch.randn(1, tokens, m, generator=gen) for m in ms]
-    mask = torch.rand(1, tokens, generator=gen) < 0.7
-    z = torch.zeros(n, n)
-    gs, ys = [torch.zeros(m, n) for m in ms], [torch.zeros(m) for m in ms]
-    benchmark(reference.fisher_update, x, mask, grads, z, gs, ys)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, tokens, n, generator=gen, device=device).to(dtype)
+    grads = [torch.randn(1, tokens, m, generator=gen, device=device).to(dtype) for m in ms]
+    mask = torch.rand(1, tokens, generator=gen, device=device) < 0.7
+    z = torch.zeros(n, n, device=device)
+    gs, ys = [torch.zeros(m, n, device=device) for m in ms], [torch.zeros(m, device=device) for m in ms]
+    fn = dispatch.resolve("fisher_update", backend, torch.device(device), dtype).fn
+
+    def step():
+        fn(x, mask, grads, z, gs, ys)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark(step)
 
 
 def _tiny_model_and_batches():

@@ -1,0 +1,20 @@
+"""The GPU check script's logic, exercised on CPU with tiny shapes (--smoke)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_smoke(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke"], env=env, check=True,
+                   capture_output=True, text=True, cwd=ROOT)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["op"] for r in report["records"]] == ["Z", "Z", "Z+G+y", "Z+G+y"]
+    for record in report["records"]:
+        assert set(record["ms"]) == {"torch_fp32_addmm", "torch_bf16_mm", "triton"}
+        assert all(v > 0 for v in record["tflops"].values())
+    assert (tmp_path / "gpu_check.txt").read_text().startswith("{")
