@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 
 TOKEN_MASKS = ("attention", "labels", "all")
 OUTPUT_FISHERS = ("diagonal", "sequence_lowrank")
-SOLVERS = ("auto", "exact")
+SOLVERS = ("auto", "exact", "randomized")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
@@ -31,6 +31,9 @@ class LoraDAConfig:
     output_fisher: str = "diagonal"
     num_samples: Optional[int] = None
     solver: str = "auto"
+    solver_tolerance: float = 1e-6
+    solver_max_iterations: int = 200
+    solver_oversampling: int = 8
     backend: str = "auto"
     seed: int = 0
 
@@ -53,6 +56,10 @@ class LoraDAConfig:
             raise ValueError(f"damping must be > 0, got {self.damping}")
         if not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        if not 0 < self.solver_tolerance < 1:
+            raise ValueError(f"solver_tolerance must be in (0, 1), got {self.solver_tolerance}")
+        if self.solver_max_iterations < 1 or self.solver_oversampling < 0:
+            raise ValueError("solver_max_iterations must be >= 1 and solver_oversampling >= 0")
         for field in ("population_size", "num_samples"):
             value = getattr(self, field)
             if value is not None and not (isinstance(value, int) and value >= 1):

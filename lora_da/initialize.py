@@ -12,7 +12,7 @@ from torch import nn
 
 from .collect import collect_statistics
 from .config import LoraDAConfig, resolve_config
-from .solve import LoraFactors, check_ranks, solve
+from .solve import LoraFactors, check_ranks, solve_with_report
 from .targets import linear_shape, lora_layers, matches
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class InitReport:
     seconds: Dict[str, float]  # collect, solve, apply
     statistics_bytes: int
     peak_memory_bytes: Optional[int]  # accelerator peak during initialize; None on CPU
+    solver: Dict[str, dict]  # per module shape: solver, modules, iterations, residual
 
     @property
     def modules(self) -> List[str]:
@@ -47,6 +48,10 @@ class InitReport:
         ]
         if self.peak_memory_bytes is not None:
             lines.append(f"  peak memory {self.peak_memory_bytes / 2**20:.1f} MiB")
+        for shape, info in self.solver.items():
+            detail = (f", {info['iterations']} iterations, residual {info['residual']:.1e}"
+                      if "iterations" in info else "")
+            lines.append(f"  solve       {shape}: {info['modules']} modules, {info['solver']}{detail}")
         return "\n".join(lines)
 
 
@@ -121,7 +126,7 @@ def initialize(
         )
     seconds["collect"] = time.perf_counter() - start
     start = time.perf_counter()
-    factors = solve(stats, cfg, ranks=ranks, progress=progress)
+    factors, solver = solve_with_report(stats, cfg, ranks=ranks, progress=progress)
     seconds["solve"] = time.perf_counter() - start
     start = time.perf_counter()
     apply_factors(layers, factors, adapter_name)
@@ -136,4 +141,5 @@ def initialize(
         seconds=seconds,
         statistics_bytes=stats.nbytes(),
         peak_memory_bytes=peak,
+        solver=solver,
     )

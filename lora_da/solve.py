@@ -10,10 +10,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import LoraDAConfig, resolve_config
+from .eigensolver import BlockOperator, smallest_eigenvectors, top_singular_values
 from .statistics import Statistics
 
 
 MAX_DAMPING_RETRIES = 8  # each retry multiplies the input damping by 10
+AUTO_RANDOMIZED_MIN_N = 1024  # solver="auto" takes the randomized solver from this in_features on
 
 
 @dataclass
@@ -61,9 +63,9 @@ def output_scaling(stats: Statistics, name: str, output_fisher: str, damping: fl
 
 
 def fix_signs(v: torch.Tensor) -> torch.Tensor:
-    """Flip each column of v [n, r] so that its largest-magnitude entry is positive."""
-    index = v.abs().argmax(dim=0, keepdim=True)
-    signs = torch.sign(torch.gather(v, 0, index))
+    """Flip each column of v [..., n, r] so that its largest-magnitude entry is positive."""
+    index = v.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(v, -2, index))
     return v * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
@@ -116,6 +118,13 @@ def input_choleskys(stats: Statistics, damping: float) -> Dict[str, torch.Tensor
     }
 
 
+def resolve_solver(solver: str, in_features: int) -> str:
+    """``auto`` takes the randomized solver for modules with n >= AUTO_RANDOMIZED_MIN_N."""
+    if solver != "auto":
+        return solver
+    return "randomized" if in_features >= AUTO_RANDOMIZED_MIN_N else "exact"
+
+
 def solve(
     stats: Statistics,
     cfg: Optional[LoraDAConfig] = None,
@@ -124,11 +133,24 @@ def solve(
     progress: bool = True,
     **overrides,
 ) -> Dict[str, LoraFactors]:
-    """LoRA-DA factors for every module in ``stats`` (ALGORITHM.md steps 2-4, exact path).
+    """LoRA-DA factors for every module in ``stats`` (ALGORITHM.md steps 2-4).
 
     ``ranks`` maps module names to their own rank (default ``cfg.rank``). Factors are fp64 when
     the statistics are, else fp32, on the statistics' device.
     """
+    return solve_with_report(stats, cfg, ranks=ranks, progress=progress, **overrides)[0]
+
+
+def solve_with_report(
+    stats: Statistics,
+    cfg: Optional[LoraDAConfig] = None,
+    *,
+    ranks: Optional[Mapping[str, int]] = None,
+    progress: bool = True,
+    **overrides,
+) -> Tuple[Dict[str, LoraFactors], Dict[str, dict]]:
+    """``solve`` plus what the solver did: {"solver": name, "shapes": {"m x n, r": {modules,
+    iterations, residual}}} (iterations and largest relative residual per module shape)."""
     cfg = resolve_config(cfg, overrides)
     ranks = {name: (ranks or {}).get(name, cfg.rank) for name in stats.modules}
     check_ranks({name: tuple(s.g_sum.shape) for name, s in stats.modules.items()}, ranks)
@@ -137,9 +159,55 @@ def solve(
     out_dtype = torch.float64 if stats.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(cfg.gamma)
     factors: Dict[str, LoraFactors] = {}
-    for name in tqdm(stats.modules, desc="lora_da solve", unit="module", disable=not progress):
-        ng = natural_gradient(stats, name, cholesky[stats.modules[name].input_key], cfg)
-        c = ng.variance_coefficient(cfg, population)
-        v = fix_signs(exact_subspace(ng.delta_hat, ng.chol, c, cfg.bias_weight, ranks[name]))
-        factors[name] = LoraFactors((v.T * scale).to(out_dtype), (ng.delta_hat @ v * scale).to(out_dtype))
-    return factors
+    report: Dict[str, dict] = {}
+    groups: Dict[Tuple[int, int, int], list] = {}
+    for name, entry in stats.modules.items():
+        groups.setdefault((*entry.g_sum.shape, ranks[name]), []).append(name)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    inverses: Dict[str, torch.Tensor] = {}  # input key -> L^-1, once per distinct input
+    for (m, n, rank), names in tqdm(groups.items(), desc="lora_da solve", unit="shape", disable=not progress):
+        solver = resolve_solver(cfg.solver, n)
+        if solver == "exact":
+            for name in names:
+                ng = natural_gradient(stats, name, cholesky[stats.modules[name].input_key], cfg)
+                c = ng.variance_coefficient(cfg, population)
+                v = fix_signs(exact_subspace(ng.delta_hat, ng.chol, c, cfg.bias_weight, rank))
+                factors[name] = LoraFactors((v.T * scale).to(out_dtype), (ng.delta_hat @ v * scale).to(out_dtype))
+            report[f"{m}x{n}, r={rank}"] = {"solver": solver, "modules": len(names)}
+            continue
+        d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping) for name in names])
+        keys = [stats.modules[name].input_key for name in names]
+        for key in keys:
+            if key not in inverses:
+                eye = torch.eye(cholesky[key].shape[0], dtype=cholesky[key].dtype, device=cholesky[key].device)
+                inverses[key] = torch.linalg.solve_triangular(cholesky[key], eye, upper=False)
+        op = BlockOperator(
+            gradient=torch.stack([stats.gradient(name).double() for name in names]),
+            d=d,
+            chol=torch.stack([cholesky[key] for key in keys]),
+            chol_inv=torch.stack([inverses[key] for key in keys]),
+            variance=cfg.variance_weight * d.sum(dim=1) / population,
+            bias_weight=cfg.bias_weight,
+        )
+        sigma = top_singular_values(op, block=8, tolerance=1e-8, max_iterations=cfg.solver_max_iterations,
+                                    generator=generator)
+        if bool((sigma == 0).any()):
+            zero = [name for name, s in zip(names, sigma.tolist()) if s == 0]
+            raise ValueError(f"modules {zero}: the gradient is zero, LoRA-DA has no direction to follow")
+        v, info = smallest_eigenvectors(
+            op, rank, oversampling=cfg.solver_oversampling, tolerance=cfg.solver_tolerance,
+            max_iterations=cfg.solver_max_iterations, precondition=op.variance_dominates(sigma), generator=generator,
+        )
+        if not cfg.normalize_delta:
+            sigma = torch.ones_like(sigma)
+        v = fix_signs(v)
+        lora_b = op.delta(v) / sigma[:, None, None] * scale
+        for i, name in enumerate(names):
+            factors[name] = LoraFactors((v[i].T * scale).to(out_dtype), lora_b[i].to(out_dtype))
+        report[f"{m}x{n}, r={rank}"] = {
+            "solver": solver,
+            "modules": len(names),
+            "iterations": int(info.iterations.max()),
+            "residual": float(info.residuals.max()),
+        }
+    return {name: factors[name] for name in stats.modules}, report

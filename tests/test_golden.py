@@ -45,3 +45,9 @@ def test_golden_fp32_triton(golden, variant):
     """The Triton kernels (interpreted on CPU) inside the whole pipeline."""
     errors = relative_errors(golden, variant, torch.float32, backend="triton")
     assert max(errors.values()) <= 1e-2, errors
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_golden_fp64_randomized_solver(golden, variant):
+    errors = relative_errors(golden, variant, torch.float64, solver="randomized")
+    assert max(errors.values()) <= 1e-4, errors

@@ -1,0 +1,215 @@
+"""Batched, matrix-free LOBPCG for the LoRA-DA subspaces of many modules at once.
+
+For each module b the solver finds the r eigenvectors with the smallest eigenvalues of
+
+    Omega'_b = -alpha Delta_b^T Delta_b + c'_b Zd_b^-1,   Delta_b = -diag(d_b) G_b Zd_b^-1,
+
+(Omega' = sigma^2 Omega: the same eigenvectors, and sigma is not needed to find them). Omega' is
+only ever applied to blocks: Omega' X = Zd^-1 (alpha G^T (d * Delta X) + c' X), two solves with
+the Cholesky factor L of Zd (as products with the triangular inverse L^-1, computed once per
+distinct input: matmuls run far faster than triangular solves on CPUs and GPUs alike) and two
+skinny matmuls with G. Modules of one shape are stacked
+into 3-D tensors [b, ...] and iterate together; each stops on its own residual, checked every
+few iterations (one host synchronisation per check), and converged modules leave the batch.
+
+The search space of each iteration is [X, R, P] (Ritz vectors, residuals, previous direction),
+plus Zd R (residuals preconditioned by Zd) when the variance term reaches the scale of the bias
+term (c' max diag(Zd^-1) >= 0.1 alpha sigma^2): R alone converges fast when c' Zd^-1 is a small
+perturbation, Zd R when it dominates the spectrum. Bases are orthonormalised by SVQB on an fp64 Gram
+matrix (rank-deficient directions are dropped by giving them an infinite Rayleigh quotient), and
+the projected problems are solved in fp64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+@dataclass
+class BlockOperator:
+    """Omega' of b stacked modules. G: [b, m, n], d: [b, m], chol and chol_inv: [b, n, n] (lower
+    triangular L and L^-1 of Zd), variance [b]."""
+
+    gradient: torch.Tensor
+    d: torch.Tensor
+    chol: torch.Tensor
+    chol_inv: torch.Tensor
+    variance: torch.Tensor  # c' = beta * sum(d) / N
+    bias_weight: float
+
+    def zd_solve(self, x: torch.Tensor) -> torch.Tensor:
+        """Zd^-1 X = L^-T (L^-1 X) [b, n, k]."""
+        return self.chol_inv.transpose(1, 2) @ (self.chol_inv @ x)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Delta X [b, m, k] for X [b, n, k]."""
+        return -self.d[..., None] * (self.gradient @ self.zd_solve(x))
+
+    def delta_t(self, y: torch.Tensor) -> torch.Tensor:
+        """Delta^T Y [b, n, k] for Y [b, m, k]."""
+        return -self.zd_solve(self.gradient.transpose(1, 2) @ (self.d[..., None] * y))
+
+    def gram(self, x: torch.Tensor) -> torch.Tensor:
+        """Delta^T Delta X [b, n, k]."""
+        return self.delta_t(self.delta(x))
+
+    def omega(self, x: torch.Tensor) -> torch.Tensor:
+        """Omega' X [b, n, k] = Zd^-1 (alpha G^T (d * Delta X) + c' X)."""
+        inner = self.bias_weight * (self.gradient.transpose(1, 2) @ (self.d[..., None] * self.delta(x)))
+        return self.zd_solve(inner + self.variance[:, None, None] * x)
+
+    def variance_dominates(self, sigma: torch.Tensor) -> bool:
+        """Whether c' Zd^-1 can reach a tenth of alpha sigma^2 in some module (diag(Zd^-1) = the
+        squared column norms of L^-1)."""
+        largest = self.chol_inv.square().sum(dim=1).amax(dim=1)
+        return bool((self.variance * largest >= 0.1 * self.bias_weight * sigma.square()).any())
+
+    def zd(self, x: torch.Tensor) -> torch.Tensor:
+        """Zd X = L (L^T X) [b, n, k]."""
+        return self.chol @ (self.chol.transpose(1, 2) @ x)
+
+    def select(self, index: torch.Tensor) -> "BlockOperator":
+        return BlockOperator(self.gradient[index], self.d[index], self.chol[index], self.chol_inv[index],
+                             self.variance[index], self.bias_weight)
+
+
+def gram_matrix(s: torch.Tensor) -> torch.Tensor:
+    """S^T S [b, k, k] in fp64 for tall-skinny S [b, n, k] (the reference of the Gram kernel)."""
+    s64 = s.double()
+    return s64.transpose(1, 2) @ s64
+
+
+def svqb(s: torch.Tensor, drop: float = 1e-8):
+    """Orthonormal basis of the columns of S [b, n, k] (SVQB, fp64 Gram matrix).
+
+    Returns (transform [b, k, k], kept [b, k] bool): S @ transform has orthonormal columns where
+    kept, zero columns elsewhere (directions S does not span).
+    """
+    m = gram_matrix(s)
+    scale = torch.diagonal(m, dim1=1, dim2=2).clamp_min(torch.finfo(m.dtype).tiny).rsqrt()
+    values, vectors = torch.linalg.eigh(scale[:, :, None] * m * scale[:, None, :])
+    kept = values > drop * values[:, -1:].clamp_min(torch.finfo(m.dtype).tiny)
+    inv_sqrt = torch.where(kept, values.clamp_min(torch.finfo(m.dtype).tiny).rsqrt(), torch.zeros_like(values))
+    return (scale[:, :, None] * vectors * inv_sqrt[:, None, :]).to(s.dtype), kept
+
+
+def rayleigh_ritz(s: torch.Tensor, a_s: torch.Tensor, count: int, x: Optional[torch.Tensor] = None,
+                  a_x: Optional[torch.Tensor] = None):
+    """The ``count`` smallest Ritz pairs of the operator on span([X, S]).
+
+    X [b, n, kx] (orthonormal, optional), S [b, n, ks], with A X and A S. S is projected off X
+    twice and orthonormalised by SVQB; no difference of nearly equal blocks is ever formed.
+    Returns (X' [b, n, count], A X', P', A P', theta [b, count], largest |theta| [b]) where P' is
+    the part of X' outside span(X) (the LOBPCG direction).
+    """
+    if x is not None:
+        for _ in range(2):
+            overlap = x.transpose(1, 2) @ s
+            s, a_s = s - x @ overlap, a_s - a_x @ overlap
+    transform, kept = svqb(s)
+    q, a_q = s @ transform, a_s @ transform
+    basis = q if x is None else torch.cat([x, q], dim=2)
+    a_basis = a_q if x is None else torch.cat([a_x, a_q], dim=2)
+    h = basis.double().transpose(1, 2) @ a_basis.double()
+    h = 0.5 * (h + h.transpose(1, 2))
+    # dropped directions get a Rayleigh quotient far above every real one, so none is picked
+    dropped = torch.cat([torch.zeros_like(kept[:, : basis.shape[2] - q.shape[2]]), ~kept], dim=1)
+    big = 10.0 * (h.abs().amax(dim=(1, 2), keepdim=True) + 1.0)
+    h = h.masked_fill(dropped[:, :, None] | dropped[:, None, :], 0.0) + torch.diag_embed(dropped.to(h.dtype)) * big
+    theta, coefficients = torch.linalg.eigh(h)
+    real = torch.arange(theta.shape[1], device=theta.device) < (~dropped).sum(dim=1, keepdim=True)
+    c = coefficients[:, :, :count].to(s.dtype)
+    c_q = c[:, basis.shape[2] - q.shape[2]:]
+    p, a_p = q @ c_q, a_q @ c_q
+    return basis @ c, a_basis @ c, p, a_p, theta[:, :count], torch.where(real, theta.abs(), 0.0).amax(dim=1)
+
+
+@dataclass
+class SolveInfo:
+    """Convergence of one batch: iterations and final relative residuals per module."""
+
+    iterations: torch.Tensor  # [b] int
+    residuals: torch.Tensor  # [b]: max_i ||Omega v_i - theta_i v_i|| / ||Omega|| over the r vectors
+
+
+def smallest_eigenvectors(
+    op: BlockOperator,
+    rank: int,
+    *,
+    oversampling: int,
+    tolerance: float,
+    max_iterations: int,
+    precondition: bool = True,
+    check_every: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+):
+    """V [b, n, r]: the r smallest eigenvectors of every Omega'_b (ascending), and SolveInfo.
+
+    ``precondition`` adds Zd R to the search space; convergence is checked every ``check_every``
+    iterations (default 1 on CPU, 4 on accelerators, where each check synchronises the host).
+    """
+    if check_every is None:
+        check_every = 1 if op.gradient.device.type == "cpu" else 4
+    batch, _, n = op.gradient.shape
+    k = min(rank + oversampling, n)
+    dtype, device = op.gradient.dtype, op.gradient.device
+    start = torch.randn(batch, n, k, dtype=dtype, device="cpu", generator=generator).to(device)
+    # warm start: Delta's dominant subspace, with the random block kept so that the span has k dimensions
+    warm = torch.cat([op.gram(start), start], dim=2)
+    x, ax, _, _, _, norm = rayleigh_ritz(warm, op.omega(warm), k)
+    p = ap = None
+    active = torch.arange(batch, device=device)
+    result = torch.empty(batch, n, rank, dtype=dtype, device=device)
+    iterations = torch.zeros(batch, dtype=torch.long)
+    residuals = torch.zeros(batch, dtype=torch.float64)
+    for step in range(1, max_iterations + 1):
+        theta = (x.transpose(1, 2) @ ax).diagonal(dim1=1, dim2=2)
+        r = ax - x * theta[:, None, :]
+        # soft locking: converged columns stop contributing directions (their residual is noise)
+        r = r * (r.norm(dim=1, keepdim=True) > tolerance * norm[:, None, None])
+        if step % check_every == 0 or step == max_iterations:
+            ax = op.omega(x)  # refresh: A X drifts when carried through linear combinations
+            r = ax - x * theta[:, None, :]
+            relative = (r[:, :, :rank].norm(dim=1).amax(dim=1) / norm.clamp_min(torch.finfo(dtype).tiny)).double().cpu()
+            done = (relative <= tolerance) | (step == max_iterations)
+            if done.any():
+                idx = done.nonzero().flatten()
+                result[active[idx.to(device)]] = x[idx.to(device), :, :rank]
+                iterations[active.cpu()[idx]] = step
+                residuals[active.cpu()[idx]] = relative[idx]
+                keep = (~done).nonzero().flatten().to(device)
+                if keep.numel() == 0:
+                    break
+                active, op, x, ax, r, norm = active[keep], op.select(keep), x[keep], ax[keep], r[keep], norm[keep]
+                p = None if p is None else p[keep]
+                ap = None if ap is None else ap[keep]
+        w = torch.cat([r, op.zd(r)], dim=2) if precondition else r
+        blocks, a_blocks = [w], [op.omega(w)]
+        if p is not None:
+            blocks.append(p)
+            a_blocks.append(ap)
+        x, ax, p, ap, _, new_norm = rayleigh_ritz(torch.cat(blocks, 2), torch.cat(a_blocks, 2), k, x, ax)
+        norm = torch.maximum(norm, new_norm)
+    return result, SolveInfo(iterations, residuals)
+
+
+def top_singular_values(op: BlockOperator, *, block: int, tolerance: float, max_iterations: int,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """sigma [b] = ||Delta_b||_2 by block subspace iteration on Delta^T Delta: each step projects
+    onto span(X) (Rayleigh-Ritz from Y = Delta X, Y^T Y = X^T Delta^T Delta X) and moves to
+    span(Delta^T Y); one Delta and one Delta^T per step."""
+    batch, _, n = op.gradient.shape
+    k = min(block, n)
+    x = torch.randn(batch, n, k, dtype=op.gradient.dtype, device="cpu", generator=generator).to(op.gradient.device)
+    previous = None
+    for _ in range(max_iterations):
+        x = x @ svqb(x)[0]
+        y = op.delta(x)
+        theta, vectors = torch.linalg.eigh(gram_matrix(y))
+        top = theta[:, -1].clamp_min(0.0)
+        if previous is not None and bool(((top - previous).abs() <= tolerance * top).all()):
+            break
+        previous = top
+        x = op.delta_t(y @ vectors.to(y.dtype))
+    return top.sqrt().to(op.gradient.dtype)

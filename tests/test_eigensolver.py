@@ -1,0 +1,133 @@
+"""The batched randomized solver against exact fp64 eigendecompositions."""
+import math
+
+import pytest
+import torch
+
+import lora_da
+from conftest import random_batches, tiny_llama
+from lora_da.eigensolver import BlockOperator, smallest_eigenvectors, svqb, top_singular_values
+from lora_da.solve import solve_with_report
+
+
+def problem(n, m, spread, deficient_rank=None, seed=0):
+    """(G [m, n], d [m], L [n, n]) with Z's eigenvalues log-spaced over ``spread`` decades
+    (``clustered``: two tight clusters) and Delta of full or given rank."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    if spread == "clustered":
+        z = torch.cat([torch.full((n // 2,), 1.0), torch.full((n - n // 2,), 1e-3)]) * (1 + 1e-6 * torch.rand(n, generator=gen))
+    else:
+        z = torch.logspace(0, -spread, n, dtype=torch.float64)
+    zd = (q * z) @ q.T + 1e-6 * torch.eye(n, dtype=torch.float64)
+    g = torch.randn(m, n, generator=gen, dtype=torch.float64) * torch.arange(1, n + 1) ** -0.5
+    if deficient_rank is not None:
+        g = torch.randn(m, deficient_rank, generator=gen, dtype=torch.float64) @ torch.randn(
+            deficient_rank, n, generator=gen, dtype=torch.float64)
+    d = torch.rand(m, generator=gen, dtype=torch.float64) + 0.5
+    return g, d, torch.linalg.cholesky(zd)
+
+
+def operator(problems, variance):
+    g, d, chol = (torch.stack(t) for t in zip(*problems))
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype)
+    return BlockOperator(g, d, chol, torch.linalg.solve_triangular(chol, eye, upper=False),
+                         torch.tensor(variance, dtype=torch.float64), 1.0)
+
+
+def dense_omega(op, i):
+    zd_inv = torch.cholesky_inverse(op.chol[i])
+    delta = -op.d[i][:, None] * op.gradient[i] @ zd_inv
+    return -delta.T @ delta + op.variance[i] * zd_inv
+
+
+def sine(u, v):
+    s = torch.linalg.svdvals(u.T @ v)
+    return float(torch.sqrt(torch.clamp(1 - s.min() ** 2, min=0)))
+
+
+CASES = [  # n, m, spread, deficient rank, variance weight (relative to sigma^2), r
+    (60, 80, 3, None, 0.0, 1),
+    (60, 80, 3, None, 1e-9, 8),
+    (60, 40, 6, None, 1e-4, 20),
+    (60, 80, "clustered", None, 1e-3, 5),
+    (60, 80, 6, 3, 1e-5, 8),  # rank(Delta) < r: the variance term decides the rest
+    (48, 70, 6, None, 10.0, 16),  # beta large: Zd^-1 dominates
+]
+
+
+@pytest.mark.parametrize("n,m,spread,deficient,variance,r", CASES)
+def test_subspace_matches_exact_eigh(n, m, spread, deficient, variance, r):
+    problems = [problem(n, m, spread, deficient, seed) for seed in range(3)]
+    op = operator(problems, [0.0] * 3)
+    sigma2 = top_singular_values(op, block=8, tolerance=1e-12, max_iterations=300) ** 2
+    op.variance = variance * sigma2
+    cfg = lora_da.LoraDAConfig()
+    v, info = smallest_eigenvectors(op, r, oversampling=cfg.solver_oversampling, tolerance=cfg.solver_tolerance,
+                                    max_iterations=cfg.solver_max_iterations, precondition=op.variance_dominates(sigma2.sqrt()))
+    for i in range(3):
+        omega = dense_omega(op, i)
+        values, vectors = torch.linalg.eigh(omega)
+        scale = values.abs().max()
+        torch.testing.assert_close(v[i].T @ v[i], torch.eye(r, dtype=v.dtype), atol=1e-8, rtol=0)
+        residual = (omega @ v[i] - v[i] @ (v[i].T @ omega @ v[i])).norm(dim=0).max() / scale
+        assert residual <= 1e-5, residual
+        gap = values[r] - values[r - 1]
+        if gap > 1e-6 * scale:  # the wanted subspace is well defined: compare subspaces
+            assert sine(v[i], vectors[:, :r]) <= 1e-4
+        else:  # degenerate at r: V must hold the part below the cluster and sit in the cluster
+            below = values < values[r - 1] - 1e-6 * scale
+            assert sine(v[i], vectors[:, below]) <= 1e-4 if below.any() else True
+            rayleigh = torch.linalg.eigvalsh(v[i].T @ omega @ v[i])
+            torch.testing.assert_close(rayleigh, values[:r], atol=1e-6 * float(scale), rtol=0)
+
+
+def test_sigma_matches_svd():
+    op = operator([problem(50, 70, 3, None, s) for s in range(4)], [0.0] * 4)
+    sigma = top_singular_values(op, block=8, tolerance=1e-10, max_iterations=300)
+    for i in range(4):
+        delta = -op.d[i][:, None] * op.gradient[i] @ torch.cholesky_inverse(op.chol[i])
+        assert abs(float(sigma[i]) / float(torch.linalg.matrix_norm(delta, 2)) - 1) < 1e-6
+
+
+def test_svqb_drops_dependent_columns():
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 30, 4, generator=gen, dtype=torch.float64)
+    s = torch.cat([s, s[:, :, :1] * 2.0, torch.zeros(2, 30, 1, dtype=torch.float64)], dim=2)
+    transform, kept = svqb(s)
+    assert kept.sum(dim=1).tolist() == [4, 4]
+    basis = s @ transform
+    torch.testing.assert_close(basis.transpose(1, 2) @ basis, torch.diag_embed(kept.double()), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.03, 5.0])
+def test_randomized_solve_equals_exact_on_a_model(beta):
+    stats = lora_da.collect_statistics(tiny_llama(seed=40), random_batches([3, 2], seed=41), progress=False)
+    cfg = lora_da.LoraDAConfig(rank=4, variance_weight=beta, damping=1e-4, population_size=50)
+    exact, _ = solve_with_report(stats, cfg, solver="exact", progress=False)
+    fast, report = solve_with_report(stats, cfg, solver="randomized", progress=False)
+    assert {info["solver"] for info in report.values()} == {"randomized"}
+    assert all(info["residual"] <= cfg.solver_tolerance for info in report.values())
+    for name in exact:
+        ba_exact = exact[name].lora_B @ exact[name].lora_A
+        ba_fast = fast[name].lora_B @ fast[name].lora_A
+        assert float((ba_fast - ba_exact).norm() / ba_exact.norm()) <= 1e-4, name
+
+
+def test_batched_equals_unbatched():
+    problems = [problem(40, 50, 4, None, s) for s in range(3)]
+    variance = [1e-6, 1e-4, 1e-2]
+    together, _ = smallest_eigenvectors(operator(problems, variance), 5, oversampling=8, tolerance=1e-10,
+                                        max_iterations=300)
+    for i in range(3):
+        alone, _ = smallest_eigenvectors(operator([problems[i]], [variance[i]]), 5, oversampling=8, tolerance=1e-10,
+                                         max_iterations=300)
+        assert sine(together[i], alone[0]) <= 1e-6
+
+
+def test_auto_picks_by_size():
+    from lora_da.solve import AUTO_RANDOMIZED_MIN_N, resolve_solver
+
+    assert resolve_solver("auto", AUTO_RANDOMIZED_MIN_N) == "randomized"
+    assert resolve_solver("auto", AUTO_RANDOMIZED_MIN_N - 1) == "exact"
+    assert resolve_solver("exact", 10**6) == "exact"
