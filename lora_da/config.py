@@ -31,7 +31,7 @@ class LoraDAConfig:
     output_fisher: str = "diagonal"
     num_samples: Optional[int] = None
     solver: str = "auto"
-    solver_tolerance: float = 1e-6
+    solver_tolerance: float = 1e-7
     solver_max_iterations: int = 200
     solver_oversampling: int = 8
     backend: str = "auto"

@@ -133,6 +133,11 @@ class SolveInfo:
     residuals: torch.Tensor  # [b]: max_i ||Omega v_i - theta_i v_i|| / ||Omega|| over the r vectors
 
 
+def _relative_residual(r: torch.Tensor, rank: int, norm: torch.Tensor) -> torch.Tensor:
+    """[b] on the host: max over the first ``rank`` columns of ||r_i|| / ||Omega'||."""
+    return (r[:, :, :rank].norm(dim=1).amax(dim=1) / norm.clamp_min(torch.finfo(r.dtype).tiny)).double().cpu()
+
+
 def smallest_eigenvectors(
     op: BlockOperator,
     rank: int,
@@ -169,9 +174,14 @@ def smallest_eigenvectors(
         # soft locking: converged columns stop contributing directions (their residual is noise)
         r = r * (r.norm(dim=1, keepdim=True) > tolerance * norm[:, None, None])
         if step % check_every == 0 or step == max_iterations:
-            ax = op.omega(x)  # refresh: A X drifts when carried through linear combinations
-            r = ax - x * theta[:, None, :]
-            relative = (r[:, :, :rank].norm(dim=1).amax(dim=1) / norm.clamp_min(torch.finfo(dtype).tiny)).double().cpu()
+            relative = _relative_residual(r, rank, norm)
+            candidates = ((relative <= tolerance) | (step == max_iterations)).nonzero().flatten()
+            if candidates.numel():
+                # confirm on a fresh A X: the carried one drifts through the linear combinations
+                fresh = candidates.to(device)
+                ax[fresh] = op.select(fresh).omega(x[fresh])
+                r[fresh] = ax[fresh] - x[fresh] * theta[fresh][:, None, :]
+                relative[candidates] = _relative_residual(r[fresh], rank, norm[fresh])
             done = (relative <= tolerance) | (step == max_iterations)
             if done.any():
                 idx = done.nonzero().flatten()
