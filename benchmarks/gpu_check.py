@@ -147,8 +147,9 @@ def benchmark(device: str, shapes, tokens_list, say, peak: float) -> list:
                     fn = dispatch.find("fisher_update", name).fn
                     x3, mask3 = x[None], w[None].bool()
                     grads = [] if grad is None else [grad[None]]
-                    impls[name] = (lambda fn=fn, x3=x3, mask3=mask3, grads=grads:
-                                   fn(x3, mask3, grads, z, [] if g is None else [g], [] if y is None else [y]))
+                    gs, ys = ([] if g is None else [g]), ([] if y is None else [y])
+                    impls[name] = (lambda fn=fn, x3=x3, mask3=mask3, grads=grads, z=z, gs=gs, ys=ys:
+                                   fn(x3, mask3, grads, z, gs, ys))
                 row = {"op": "Z" if m is None else "Z+G+y", "n": n, "m": m, "tokens": tokens, "masked": masked,
                        "counted_tokens": counted, "useful_flops": flops, "ms": {}, "tflops": {}}
                 for name, fn in impls.items():

@@ -1,5 +1,4 @@
 """The batched randomized solver against exact fp64 eigendecompositions."""
-import math
 
 import pytest
 import torch

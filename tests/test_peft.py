@@ -42,6 +42,8 @@ def test_initialize_writes_factors_and_step0_output(use_rslora):
     report = lora_da.initialize(model, batches, cfg, progress=False)
     assert report.num_sequences == 5 and len(report.modules) == 14 and set(report.ranks.values()) == {4}
     assert report.seconds.keys() == {"collect", "solve", "apply"}
+    assert {info["solver"] for info in report.solver.values()} == {"exact"}  # n = 24 < 1024
+    assert "solve       24x24, r=4: 4 modules, exact" in str(report)  # q_proj, o_proj x 2 layers
     after = base_weights(model)
     assert all(torch.equal(before[n], after[n]) for n in before)
     # the adapter holds exactly the factors solve() gives on the plain model
