@@ -45,7 +45,7 @@ def damped_cholesky(z: torch.Tensor, damping: float, what: str) -> Tuple[torch.T
                 f"lora_da: input factor of {what} is not positive definite at damping {damping:g}; "
                 f"retrying with {damping * 10:g}",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=2,
             )
             damping *= 10
     raise RuntimeError(f"lora_da: Cholesky of the input factor of {what} failed up to damping {damping:g}")
@@ -112,10 +112,10 @@ def input_choleskys(stats: Statistics, damping: float) -> Dict[str, torch.Tensor
     if silent:
         names = [m for key in silent for m in stats.inputs[key].modules]
         raise ValueError(f"no counted token reached modules {names}: their statistics are empty")
-    return {
-        key: damped_cholesky(stats.input_factor(key).double(), damping, "/".join(entry.modules))[0]
-        for key, entry in stats.inputs.items()
-    }
+    factors = {}
+    for key, entry in stats.inputs.items():
+        factors[key], _ = damped_cholesky(stats.input_factor(key).double(), damping, "/".join(entry.modules))
+    return factors
 
 
 def resolve_solver(solver: str, in_features: int) -> str:
