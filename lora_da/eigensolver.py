@@ -205,13 +205,17 @@ def smallest_eigenvectors(
 
 
 def top_singular_values(op: BlockOperator, *, block: int, tolerance: float, max_iterations: int,
+                        start: Optional[torch.Tensor] = None,
                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """sigma [b] = ||Delta_b||_2 by block subspace iteration on Delta^T Delta: each step projects
     onto span(X) (Rayleigh-Ritz from Y = Delta X, Y^T Y = X^T Delta^T Delta X) and moves to
-    span(Delta^T Y); one Delta and one Delta^T per step."""
+    span(Delta^T Y); one Delta and one Delta^T per step. ``start`` [b, n, k]: a first block
+    (default ``block`` random vectors); stops when sigma^2 changes by <= tolerance (relative)."""
     batch, _, n = op.gradient.shape
-    k = min(block, n)
-    x = torch.randn(batch, n, k, dtype=op.gradient.dtype, device="cpu", generator=generator).to(op.gradient.device)
+    x = start
+    if x is None:
+        x = torch.randn(batch, n, min(block, n), dtype=op.gradient.dtype, device="cpu", generator=generator)
+        x = x.to(op.gradient.device)
     previous = None
     for _ in range(max_iterations):
         x = x @ svqb(x)[0]

@@ -189,17 +189,21 @@ def solve_with_report(
             variance=cfg.variance_weight * d.sum(dim=1) / population,
             bias_weight=cfg.bias_weight,
         )
-        sigma = top_singular_values(op, block=8, tolerance=1e-8, max_iterations=cfg.solver_max_iterations,
+        # a rough sigma decides the preconditioner; the subspace found then starts the exact one
+        rough = top_singular_values(op, block=8, tolerance=1e-2, max_iterations=cfg.solver_max_iterations,
                                     generator=generator)
-        if bool((sigma == 0).any()):
-            zero = [name for name, s in zip(names, sigma.tolist()) if s == 0]
+        if bool((rough == 0).any()):
+            zero = [name for name, s in zip(names, rough.tolist()) if s == 0]
             raise ValueError(f"modules {zero}: the gradient is zero, LoRA-DA has no direction to follow")
         v, info = smallest_eigenvectors(
             op, rank, oversampling=cfg.solver_oversampling, tolerance=cfg.solver_tolerance,
-            max_iterations=cfg.solver_max_iterations, precondition=op.variance_dominates(sigma), generator=generator,
+            max_iterations=cfg.solver_max_iterations, precondition=op.variance_dominates(rough), generator=generator,
         )
-        if not cfg.normalize_delta:
-            sigma = torch.ones_like(sigma)
+        if cfg.normalize_delta:
+            sigma = top_singular_values(op, block=8, tolerance=1e-10, max_iterations=cfg.solver_max_iterations,
+                                        start=v)
+        else:
+            sigma = torch.ones_like(rough)
         v = fix_signs(v)
         lora_b = op.delta(v) / sigma[:, None, None] * scale
         for i, name in enumerate(names):
