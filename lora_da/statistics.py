@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -37,7 +37,6 @@ class Statistics:
     population_size: int  # N used by solve unless the config sets one
     token_mask: str
     output_fisher: str
-    metadata: Dict[str, object] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
