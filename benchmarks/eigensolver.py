@@ -2,6 +2,7 @@
 
     python benchmarks/eigensolver.py                 # Llama-shaped, scaled to a CPU: hidden 1024, MLP 2752, 8 layers
     python benchmarks/eigensolver.py --llama-7b      # full Llama-2-7B shapes (4096, 11008, 32 layers), for a GPU
+    python benchmarks/eigensolver.py --smollm2       # real statistics: SmolLM2-135M, 4 layers, 64 reviews
 
 Synthetic statistics with a Llama layer's structure (q/k/v share an input, gate/up share one, o and
 down have their own; power-law spectra for Z and G). Times are wall-clock seconds of the whole
@@ -70,8 +71,16 @@ def subspace(factors, gamma):
 
 
 def sine(u, v):
-    s = torch.linalg.svdvals(u.T @ v)
-    return float(torch.sqrt(torch.clamp(1 - s.min() ** 2, min=0)))
+    """Sine of the largest principal angle between span(u) and span(v): ||(I - Q_u Q_u^T) Q_v||_2
+    (stable where sqrt(1 - cos^2) is not: fp32 factors would read ~1e-4 there)."""
+    qu, qv = torch.linalg.qr(u.double())[0], torch.linalg.qr(v.double())[0]
+    return float(torch.linalg.matrix_norm(qv - qu @ (qu.T @ qv), ord=2))
+
+
+def ba_error(factors, reference):
+    """Relative Frobenius error of B A (basis-free; what the adapter starts from)."""
+    want = reference.lora_B.double() @ reference.lora_A.double()
+    return float((factors.lora_B.double() @ factors.lora_A.double() - want).norm() / want.norm())
 
 
 def shape_of(stats, name):
@@ -104,8 +113,19 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
-def run(hidden, mlp, layers, ranks, device, with_lobpcg, say):
-    stats = synthetic_statistics(hidden, mlp, layers, device)
+def smollm2_statistics(layers=(0, 10, 20, 29), reviews: int = 64) -> Statistics:
+    """Statistics of the embedded default (SmolLM2-135M-Instruct, Rotten Tomatoes verbalizer)."""
+    from lora_da.embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, split
+
+    model, tokenizer = load_smollm2()
+    verbalizer = Verbalizer(tokenizer)
+    (calibration,) = split(load_rotten_tomatoes(), [reviews])
+    batches = [verbalizer.model_inputs(b) for b in verbalizer.batches(calibration, 8)]
+    targets = [f"model.layers.{layer}.{module}" for layer in layers for module in TYPES]
+    return lora_da.collect_statistics(model, batches, target_modules=targets, population_size=480, progress=False)
+
+
+def run(stats, ranks, with_lobpcg, say):
     shapes = sorted({shape_of(stats, n) for n in stats.modules})
     records = []
     for rank in ranks:
@@ -134,12 +154,13 @@ def run(hidden, mlp, layers, ranks, device, with_lobpcg, say):
         row["seconds"]["randomized"] = sum(e["randomized_s"] for e in row["per_shape"].values())
         row["max_sine"]["randomized"] = max(sine(subspace(exact[n], cfg.gamma), subspace(randomized[n], cfg.gamma))
                                             for n in stats.modules)
+        row["max_ba_error"] = max(ba_error(randomized[n], exact[n]) for n in stats.modules)
         if with_lobpcg:
             row["seconds"]["lobpcg10"] = sum(e["lobpcg10_s"] for e in row["per_shape"].values())
             row["max_sine"]["lobpcg10"] = max(sine(subspace(exact[n], cfg.gamma), lob[n].double()) for n in stats.modules)
         say(f"r={rank}: total exact {row['seconds']['exact']:.2f} s, randomized {row['seconds']['randomized']:.2f} s "
             f"({row['seconds']['exact'] / row['seconds']['randomized']:.1f}x), max sine randomized "
-            f"{row['max_sine']['randomized']:.1e}"
+            f"{row['max_sine']['randomized']:.1e}, max B·A error {row['max_ba_error']:.1e}"
             + (f"; lobpcg-10 {row['seconds']['lobpcg10']:.2f} s, max sine {row['max_sine']['lobpcg10']:.1e}"
                if with_lobpcg else ""))
         records.append(row)
@@ -149,6 +170,7 @@ def run(hidden, mlp, layers, ranks, device, with_lobpcg, say):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-7b", action="store_true", help="hidden 4096, MLP 11008, 32 layers")
+    parser.add_argument("--smollm2", action="store_true", help="real statistics of the embedded model instead")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--mlp", type=int, default=2752)
     parser.add_argument("--layers", type=int, default=8)
@@ -166,9 +188,15 @@ def main(argv=None):
         print(line, flush=True)
         lines.append(line)
 
-    say(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, hidden {args.hidden}, "
-        f"mlp {args.mlp}, layers {args.layers}")
-    records = run(args.hidden, args.mlp, args.layers, args.ranks, device, not args.no_lobpcg, say)
+    if args.smollm2:
+        stats = smollm2_statistics()
+        say(f"device cpu, torch {torch.__version__}, threads {torch.get_num_threads()}, SmolLM2-135M statistics, "
+            f"{len(stats.modules)} modules")
+    else:
+        stats = synthetic_statistics(args.hidden, args.mlp, args.layers, device)
+        say(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, hidden {args.hidden}, "
+            f"mlp {args.mlp}, layers {args.layers}")
+    records = run(stats, args.ranks, not args.no_lobpcg, say)
     (out / "eigensolver.json").write_text(json.dumps({"args": vars(args), "device": device, "records": records,
                                                       "log": lines}, indent=1))
 

@@ -15,7 +15,7 @@ from .statistics import Statistics
 
 
 MAX_DAMPING_RETRIES = 8  # each retry multiplies the input damping by 10
-AUTO_RANDOMIZED_MIN_N = 1024  # solver="auto" takes the randomized solver from this in_features on
+AUTO_RANDOMIZED_MIN_N = 512  # solver="auto" takes the randomized solver from this in_features on
 
 
 @dataclass
