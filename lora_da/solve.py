@@ -149,8 +149,8 @@ def solve_with_report(
     progress: bool = True,
     **overrides,
 ) -> Tuple[Dict[str, LoraFactors], Dict[str, dict]]:
-    """``solve`` plus what the solver did: {"solver": name, "shapes": {"m x n, r": {modules,
-    iterations, residual}}} (iterations and largest relative residual per module shape)."""
+    """``solve`` plus what the solver did, per module shape: {"m x n, r=..": {solver, modules}, plus
+    iterations and the largest relative residual for the randomized solver}."""
     cfg = resolve_config(cfg, overrides)
     ranks = {name: (ranks or {}).get(name, cfg.rank) for name in stats.modules}
     check_ranks({name: tuple(s.g_sum.shape) for name, s in stats.modules.items()}, ranks)
@@ -158,46 +158,71 @@ def solve_with_report(
     population = cfg.population_size or stats.population_size
     out_dtype = torch.float64 if stats.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(cfg.gamma)
-    factors: Dict[str, LoraFactors] = {}
-    report: Dict[str, dict] = {}
     groups: Dict[Tuple[int, int, int], list] = {}
     for name, entry in stats.modules.items():
         groups.setdefault((*entry.g_sum.shape, ranks[name]), []).append(name)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    inverses: Dict[str, torch.Tensor] = {}  # input key -> L^-1, once per distinct input
+    batched = _BatchedSolver(stats, cfg, cholesky, population)
+    factors: Dict[str, LoraFactors] = {}
+    report: Dict[str, dict] = {}
     for (m, n, rank), names in tqdm(groups.items(), desc="lora_da solve", unit="shape", disable=not progress):
         solver = resolve_solver(cfg.solver, n)
+        info: Dict[str, object] = {"solver": solver, "modules": len(names)}
         if solver == "exact":
             for name in names:
                 ng = natural_gradient(stats, name, cholesky[stats.modules[name].input_key], cfg)
                 c = ng.variance_coefficient(cfg, population)
                 v = fix_signs(exact_subspace(ng.delta_hat, ng.chol, c, cfg.bias_weight, rank))
-                factors[name] = LoraFactors((v.T * scale).to(out_dtype), (ng.delta_hat @ v * scale).to(out_dtype))
-            report[f"{m}x{n}, r={rank}"] = {"solver": solver, "modules": len(names)}
-            continue
+                factors[name] = LoraFactors(v.T * scale, ng.delta_hat @ v * scale)
+        else:
+            v, lora_b, convergence = batched.solve(names, rank)
+            for i, name in enumerate(names):
+                factors[name] = LoraFactors(v[i].T * scale, lora_b[i] * scale)
+            info.update(iterations=int(convergence.iterations.max()), residual=float(convergence.residuals.max()))
+        report[f"{m}x{n}, r={rank}"] = info
+    return {
+        name: LoraFactors(factors[name].lora_A.to(out_dtype).contiguous(), factors[name].lora_B.to(out_dtype).contiguous())
+        for name in stats.modules
+    }, report
+
+
+class _BatchedSolver:
+    """The randomized path: stacks modules of one shape and solves them together."""
+
+    def __init__(self, stats: Statistics, cfg: LoraDAConfig, cholesky: Dict[str, torch.Tensor], population: int):
+        self.stats, self.cfg, self.cholesky, self.population = stats, cfg, cholesky, population
+        self.inverses: Dict[str, torch.Tensor] = {}  # input key -> L^-1, once per distinct input
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def inverse(self, key: str) -> torch.Tensor:
+        if key not in self.inverses:
+            chol = self.cholesky[key]
+            eye = torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device)
+            self.inverses[key] = torch.linalg.solve_triangular(chol, eye, upper=False)
+        return self.inverses[key]
+
+    def solve(self, names, rank: int):
+        """(V [b, n, r], Delta V / sigma [b, m, r], SolveInfo) for the modules ``names`` (one shape)."""
+        stats, cfg = self.stats, self.cfg
         d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping) for name in names])
         keys = [stats.modules[name].input_key for name in names]
-        for key in keys:
-            if key not in inverses:
-                eye = torch.eye(cholesky[key].shape[0], dtype=cholesky[key].dtype, device=cholesky[key].device)
-                inverses[key] = torch.linalg.solve_triangular(cholesky[key], eye, upper=False)
         op = BlockOperator(
             gradient=torch.stack([stats.gradient(name).double() for name in names]),
             d=d,
-            chol=torch.stack([cholesky[key] for key in keys]),
-            chol_inv=torch.stack([inverses[key] for key in keys]),
-            variance=cfg.variance_weight * d.sum(dim=1) / population,
+            chol=torch.stack([self.cholesky[key] for key in keys]),
+            chol_inv=torch.stack([self.inverse(key) for key in keys]),
+            variance=cfg.variance_weight * d.sum(dim=1) / self.population,
             bias_weight=cfg.bias_weight,
         )
         # a rough sigma decides the preconditioner; the subspace found then starts the exact one
         rough = top_singular_values(op, block=8, tolerance=1e-2, max_iterations=cfg.solver_max_iterations,
-                                    generator=generator)
+                                    generator=self.generator)
         if bool((rough == 0).any()):
             zero = [name for name, s in zip(names, rough.tolist()) if s == 0]
             raise ValueError(f"modules {zero}: the gradient is zero, LoRA-DA has no direction to follow")
-        v, info = smallest_eigenvectors(
+        v, convergence = smallest_eigenvectors(
             op, rank, oversampling=cfg.solver_oversampling, tolerance=cfg.solver_tolerance,
-            max_iterations=cfg.solver_max_iterations, precondition=op.variance_dominates(rough), generator=generator,
+            max_iterations=cfg.solver_max_iterations, precondition=op.variance_dominates(rough),
+            generator=self.generator,
         )
         if cfg.normalize_delta:
             sigma = top_singular_values(op, block=8, tolerance=1e-10, max_iterations=cfg.solver_max_iterations,
@@ -205,13 +230,4 @@ def solve_with_report(
         else:
             sigma = torch.ones_like(rough)
         v = fix_signs(v)
-        lora_b = op.delta(v) / sigma[:, None, None] * scale
-        for i, name in enumerate(names):
-            factors[name] = LoraFactors((v[i].T * scale).to(out_dtype), lora_b[i].to(out_dtype))
-        report[f"{m}x{n}, r={rank}"] = {
-            "solver": solver,
-            "modules": len(names),
-            "iterations": int(info.iterations.max()),
-            "residual": float(info.residuals.max()),
-        }
-    return {name: factors[name] for name in stats.modules}, report
+        return v, op.delta(v) / sigma[:, None, None], convergence
