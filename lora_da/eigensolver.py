@@ -28,19 +28,41 @@ import torch
 
 @dataclass
 class BlockOperator:
-    """Omega' of b stacked modules. G: [b, m, n], d: [b, m], chol and chol_inv: [b, n, n] (lower
-    triangular L and L^-1 of Zd), variance [b]."""
+    """Omega' of b stacked modules that read u distinct inputs.
+
+    G: [b, m, n], d: [b, m], variance: [b]; chol, chol_inv: [u, n, n], the lower-triangular L and
+    L^-1 of each distinct input's Zd; owner: [b] (host), the input of each module. Products with L
+    or L^-1 are taken once per input, on the columns of all its modules at once (q/k/v share one).
+    """
 
     gradient: torch.Tensor
     d: torch.Tensor
     chol: torch.Tensor
     chol_inv: torch.Tensor
+    owner: torch.Tensor
     variance: torch.Tensor  # c' = beta * sum(d) / N
     bias_weight: float
 
+    def __post_init__(self):
+        device = self.gradient.device
+        self.members = [(int(j), (self.owner == j).nonzero().flatten().to(device)) for j in self.owner.unique()]
+
+    def _per_input(self, x: torch.Tensor, apply) -> torch.Tensor:
+        """apply(j, block [n, c*k]) on the columns of the c modules of each input j; x [b, n, k]."""
+        out = torch.empty_like(x)
+        _, n, k = x.shape
+        for j, idx in self.members:
+            block = x[idx].permute(1, 0, 2).reshape(n, -1)
+            out[idx] = apply(j, block).reshape(n, len(idx), k).permute(1, 0, 2)
+        return out
+
     def zd_solve(self, x: torch.Tensor) -> torch.Tensor:
         """Zd^-1 X = L^-T (L^-1 X) [b, n, k]."""
-        return self.chol_inv.transpose(1, 2) @ (self.chol_inv @ x)
+        return self._per_input(x, lambda j, block: self.chol_inv[j].T @ (self.chol_inv[j] @ block))
+
+    def zd(self, x: torch.Tensor) -> torch.Tensor:
+        """Zd X = L (L^T X) [b, n, k]."""
+        return self._per_input(x, lambda j, block: self.chol[j] @ (self.chol[j].T @ block))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Delta X [b, m, k] for X [b, n, k]."""
@@ -62,16 +84,13 @@ class BlockOperator:
     def variance_dominates(self, sigma: torch.Tensor) -> bool:
         """Whether c' Zd^-1 can reach a tenth of alpha sigma^2 in some module (diag(Zd^-1) = the
         squared column norms of L^-1)."""
-        largest = self.chol_inv.square().sum(dim=1).amax(dim=1)
+        largest = self.chol_inv.square().sum(dim=1).amax(dim=1)[self.owner.to(self.chol_inv.device)]
         return bool((self.variance * largest >= 0.1 * self.bias_weight * sigma.square()).any())
 
-    def zd(self, x: torch.Tensor) -> torch.Tensor:
-        """Zd X = L (L^T X) [b, n, k]."""
-        return self.chol @ (self.chol.transpose(1, 2) @ x)
-
     def select(self, index: torch.Tensor) -> "BlockOperator":
-        return BlockOperator(self.gradient[index], self.d[index], self.chol[index], self.chol_inv[index],
-                             self.variance[index], self.bias_weight)
+        """The operator of the modules ``index`` (the inputs' factors are shared, not copied)."""
+        return BlockOperator(self.gradient[index], self.d[index], self.chol, self.chol_inv,
+                             self.owner[index.cpu()], self.variance[index], self.bias_weight)
 
 
 def gram_matrix(s: torch.Tensor) -> torch.Tensor:

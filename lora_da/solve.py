@@ -205,11 +205,13 @@ class _BatchedSolver:
         stats, cfg = self.stats, self.cfg
         d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping) for name in names])
         keys = [stats.modules[name].input_key for name in names]
+        distinct = list(dict.fromkeys(keys))
         op = BlockOperator(
             gradient=torch.stack([stats.gradient(name).double() for name in names]),
             d=d,
-            chol=torch.stack([self.cholesky[key] for key in keys]),
-            chol_inv=torch.stack([self.inverse(key) for key in keys]),
+            chol=torch.stack([self.cholesky[key] for key in distinct]),
+            chol_inv=torch.stack([self.inverse(key) for key in distinct]),
+            owner=torch.tensor([distinct.index(key) for key in keys]),
             variance=cfg.variance_weight * d.sum(dim=1) / self.population,
             bias_weight=cfg.bias_weight,
         )

@@ -31,7 +31,7 @@ def operator(problems, variance):
     g, d, chol = (torch.stack(t) for t in zip(*problems))
     eye = torch.eye(chol.shape[-1], dtype=chol.dtype)
     return BlockOperator(g, d, chol, torch.linalg.solve_triangular(chol, eye, upper=False),
-                         torch.tensor(variance, dtype=torch.float64), 1.0)
+                         torch.arange(len(problems)), torch.tensor(variance, dtype=torch.float64), 1.0)
 
 
 def dense_omega(op, i):
@@ -130,3 +130,18 @@ def test_auto_picks_by_size():
     assert resolve_solver("auto", AUTO_RANDOMIZED_MIN_N) == "randomized"
     assert resolve_solver("auto", AUTO_RANDOMIZED_MIN_N - 1) == "exact"
     assert resolve_solver("exact", 10**6) == "exact"
+
+
+def test_modules_sharing_an_input_equal_private_copies():
+    """Three modules on one input (q/k/v-like) and one on another: shared factors, same products."""
+    problems = [problem(30, 20, 3, None, s) for s in range(4)]
+    shared_chol = problems[0][2]
+    problems = [(g, d, shared_chol if i < 3 else chol) for i, (g, d, chol) in enumerate(problems)]
+    private = operator(problems, [1e-3] * 4)
+    shared = BlockOperator(private.gradient, private.d, private.chol[[0, 3]], private.chol_inv[[0, 3]],
+                           torch.tensor([0, 0, 0, 1]), private.variance, 1.0)
+    x = torch.randn(4, 30, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for method in ("omega", "zd", "gram"):
+        torch.testing.assert_close(getattr(shared, method)(x), getattr(private, method)(x), rtol=1e-12, atol=0)
+    keep = torch.tensor([1, 3])
+    torch.testing.assert_close(shared.select(keep).omega(x[keep]), private.omega(x)[keep], rtol=1e-12, atol=0)
