@@ -12,9 +12,6 @@ autotuner.
 from __future__ import annotations
 
 import functools
-import os
-import statistics as _stats
-import time
 from typing import Optional, Sequence
 
 import torch
@@ -22,31 +19,9 @@ import triton
 import triton.language as tl
 
 from .reference import write_sequence_sums
+from .triton_setup import AUTOTUNE_EXTRA, INTERPRET, configs
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _cpu_do_bench(fn, quantiles=None, **_):
-    """Median wall time in ms (the autotuner's timer under the interpreter)."""
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    median = _stats.median(times)
-    return [median] * len(quantiles) if quantiles else median
-
-
-def _configs(gpu: Sequence[dict], interpret: dict):
-    if INTERPRET:
-        return [triton.Config(interpret, num_warps=1)]
-    return [triton.Config({k: v for k, v in c.items() if k not in ("warps", "stages")}, num_warps=c["warps"],
-                          num_stages=c["stages"]) for c in gpu]
-
-
-_AUTOTUNE_EXTRA = {"do_bench": _cpu_do_bench} if INTERPRET else {}
-
-_Z_CONFIGS = _configs(
+_Z_CONFIGS = configs(
     [
         {"BLOCK_N": 128, "BLOCK_T": 64, "warps": 8, "stages": 3},
         {"BLOCK_N": 128, "BLOCK_T": 32, "warps": 4, "stages": 4},
@@ -55,7 +30,7 @@ _Z_CONFIGS = _configs(
     ],
     {"BLOCK_N": 16, "BLOCK_T": 16},
 )
-_G_CONFIGS = _configs(
+_G_CONFIGS = configs(
     [
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_T": 64, "warps": 8, "stages": 3},
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_T": 32, "warps": 4, "stages": 4},
@@ -82,7 +57,7 @@ def _tile_pair(pid, num_tiles):
     return i, i + (pid - start)
 
 
-@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY"], restore_value=["z_ptr"], **_AUTOTUNE_EXTRA)
+@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY"], restore_value=["z_ptr"], **AUTOTUNE_EXTRA)
 @triton.jit
 def _z_upper_kernel(x_ptr, order_ptr, count_ptr, z_ptr, n, stride_xt, stride_zn, DTYPE_KEY,
                     IEEE: tl.constexpr, CAST_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -110,7 +85,7 @@ def _z_upper_kernel(x_ptr, order_ptr, count_ptr, z_ptr, n, stride_xt, stride_zn,
     tl.store(z_ptrs, tl.load(z_ptrs, mask=inside, other=0.0) + acc, mask=inside)
 
 
-@triton.autotune(configs=_G_CONFIGS, key=["m", "n", "DTYPE_KEY"], restore_value=["g_ptr", "y_ptr"], **_AUTOTUNE_EXTRA)
+@triton.autotune(configs=_G_CONFIGS, key=["m", "n", "DTYPE_KEY"], restore_value=["g_ptr", "y_ptr"], **AUTOTUNE_EXTRA)
 @triton.jit
 def _g_kernel(x_ptr, grad_ptr, mask_ptr, g_ptr, y_ptr, tokens, m, n, stride_xt, stride_gt, stride_gm, DTYPE_KEY,
               IEEE: tl.constexpr, CAST_F32: tl.constexpr,

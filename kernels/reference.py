@@ -1,4 +1,4 @@
-"""PyTorch reference of the statistics op (fp32 or wider inside); the oracle for every kernel."""
+"""PyTorch references of the ops (fp32 or wider inside); the oracle for every kernel."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -43,3 +43,10 @@ def write_sequence_sums(grad: torch.Tensor, weights: torch.Tensor, batch: int, l
     """out [B, m] = per-sequence sums of weights_t * grad[t] (grad [B*L, m], weights [B*L])."""
     masked = grad.to(out.dtype) * weights.to(out.dtype)[:, None]
     out.copy_(masked.reshape(batch, length, grad.shape[-1]).sum(dim=1))
+
+
+def inner_products(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A^T B [batch, p, q] in fp64 for tall-skinny A [batch, n, p], B [batch, n, q]; written into
+    ``out`` (fp64) when given. The eigensolver's Gram matrices and projected problems."""
+    result = a.double().transpose(1, 2) @ b.double()
+    return result if out is None else out.copy_(result)

@@ -16,7 +16,9 @@ class LoraDAConfig:
     """Settings of one LoRA-DA initialisation.
 
     Paper symbols: ``rank`` = r, ``bias_weight`` = alpha, ``variance_weight`` = beta,
-    ``damping`` = lambda, ``gamma`` = gamma, ``population_size`` = N.
+    ``damping`` = lambda, ``gamma`` = gamma, ``population_size`` = N. ``solver_mixed_precision``:
+    the randomized solver applies Omega to its search directions in fp32 and checks convergence in
+    fp64 (False: fp64 throughout).
     """
 
     rank: int = 8
@@ -34,6 +36,7 @@ class LoraDAConfig:
     solver_tolerance: float = 1e-7
     solver_max_iterations: int = 200
     solver_oversampling: int = 8
+    solver_mixed_precision: bool = True
     backend: str = "auto"
     seed: int = 0
 

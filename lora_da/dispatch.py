@@ -63,14 +63,18 @@ def find(op: str, backend: str) -> Implementation:
     raise KeyError(f"no {backend!r} implementation of {op!r}")
 
 
-def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Implementation:
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, *,
+            missing_is_auto: bool = False) -> Implementation:
     """The implementation of ``op`` for ``backend`` on tensors of ``device``/``dtype``.
 
     ``auto`` takes the highest-priority implementation that can run and logs its choice once;
-    an explicit backend that cannot run raises RuntimeError saying why.
+    an explicit backend that cannot run raises RuntimeError saying why (``missing_is_auto``: one
+    without an implementation of ``op`` at all is treated as ``auto``).
     """
     backend = requested_backend(backend)
     impls = _REGISTRY.get(op, [])
+    if missing_is_auto and backend not in {impl.backend for impl in impls}:
+        backend = "auto"
     if backend == "auto":
         for impl in impls:
             if device.type in impl.auto_devices and impl.check(device, dtype) is None:
@@ -119,6 +123,13 @@ def triton_check(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return f"Triton does not run on {device.type}"
 
 
+def triton_fp64_check(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """The solver kernels: fp32 or fp64 operands, accumulated in fp64."""
+    if dtype not in (torch.float32, torch.float64):
+        return f"the solver's Triton kernels take float32 or float64, not {dtype}"
+    return triton_check(device, torch.float32)
+
+
 def cuda_check(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     from . import _extension
 
@@ -137,6 +148,9 @@ def _register_builtin() -> None:
              priority=1, auto_devices=("cuda",))
     register("fisher_update", "cuda", lazy("lora_da._extension", "fisher_update"), cuda_check,
              priority=2, auto_devices=("cuda",))
+    register("inner_products", "torch", reference.inner_products, priority=0)
+    register("inner_products", "triton", lazy("lora_da.kernels.gram_triton", "inner_products"), triton_fp64_check,
+             priority=1, auto_devices=("cuda",))
 
 
 _register_builtin()

@@ -22,9 +22,29 @@ the projected problems are solved in fp64.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+
+from . import dispatch
+
+STAGNATION_ITERATIONS = 10  # mixed precision: full precision once a refreshed module stalls this long
+SINGLE_THREAD_EIGH_MAX_N = 1024  # measured: CPU eigh up to this size runs faster on one thread
+
+
+def eigh(a: torch.Tensor):
+    """torch.linalg.eigh of symmetric [..., n, n]; on CPUs, for n <= SINGLE_THREAD_EIGH_MAX_N, on
+    one intra-op thread (multi-threaded LAPACK is several times slower there: 0.71 s vs 0.12 s for
+    32 matrices of 216 x 216 on two cores)."""
+    threads = torch.get_num_threads()
+    if a.device.type != "cpu" or a.shape[-1] > SINGLE_THREAD_EIGH_MAX_N or threads == 1:
+        return torch.linalg.eigh(a)
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(a)
+    finally:
+        torch.set_num_threads(threads)
+
 
 @dataclass
 class BlockOperator:
@@ -81,22 +101,40 @@ class BlockOperator:
         inner = self.bias_weight * (self.gradient.transpose(1, 2) @ (self.d[..., None] * self.delta(x)))
         return self.zd_solve(inner + self.variance[:, None, None] * x)
 
-    def variance_dominates(self, sigma: torch.Tensor) -> bool:
-        """Whether c' Zd^-1 can reach a tenth of alpha sigma^2 in some module (diag(Zd^-1) = the
-        squared column norms of L^-1)."""
-        largest = self.chol_inv.square().sum(dim=1).amax(dim=1)[self.owner.to(self.chol_inv.device)]
-        return bool((self.variance * largest >= 0.1 * self.bias_weight * sigma.square()).any())
+    def variance_dominates(self, bias_scale: torch.Tensor) -> bool:
+        """Whether c' Zd^-1 can reach a tenth of ``bias_scale`` [b] (an estimate of alpha sigma^2)
+        in some module (diag(Zd^-1) = the squared column norms of L^-1)."""
+        largest = torch.linalg.vector_norm(self.chol_inv, dim=1).amax(dim=1).square()[self.owner.to(self.chol_inv.device)]
+        return bool((self.variance * largest >= 0.1 * bias_scale).any())
+
+    def to(self, dtype: torch.dtype) -> "BlockOperator":
+        """The same operator with its tensors in ``dtype`` (the working copy of mixed precision)."""
+        return BlockOperator(self.gradient.to(dtype), self.d.to(dtype), self.chol.to(dtype), self.chol_inv.to(dtype),
+                             self.owner, self.variance.to(dtype), self.bias_weight)
 
     def select(self, index: torch.Tensor) -> "BlockOperator":
-        """The operator of the modules ``index`` (the inputs' factors are shared, not copied)."""
-        return BlockOperator(self.gradient[index], self.d[index], self.chol, self.chol_inv,
-                             self.owner[index.cpu()], self.variance[index], self.bias_weight)
+        """The operator of the modules ``index`` (ascending; the inputs' factors are shared, and
+        a run of consecutive modules shares the gradients too)."""
+        index = index.cpu()
+        first, count = int(index[0]), len(index)
+        if bool((index == torch.arange(first, first + count)).all()):
+            take = slice(first, first + count)
+        else:
+            take = index.to(self.gradient.device)
+        return BlockOperator(self.gradient[take], self.d[take], self.chol, self.chol_inv,
+                             self.owner[take], self.variance[take], self.bias_weight)
+
+
+def inner_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A^T B [b, p, q] in fp64 for tall-skinny A [b, n, p], B [b, n, q], by the ``inner_products``
+    op (Triton on GPUs, split over the rows; PyTorch elsewhere; LORA_DA_BACKEND=cuda, which has
+    no such kernel, leaves the choice to ``auto``)."""
+    return dispatch.resolve("inner_products", "auto", a.device, a.dtype, missing_is_auto=True).fn(a, b)
 
 
 def gram_matrix(s: torch.Tensor) -> torch.Tensor:
-    """S^T S [b, k, k] in fp64 for tall-skinny S [b, n, k] (the reference of the Gram kernel)."""
-    s64 = s.double()
-    return s64.transpose(1, 2) @ s64
+    """S^T S [b, k, k] in fp64 for tall-skinny S [b, n, k]."""
+    return inner_products(s, s)
 
 
 def svqb(s: torch.Tensor, drop: float = 1e-8):
@@ -107,41 +145,48 @@ def svqb(s: torch.Tensor, drop: float = 1e-8):
     """
     m = gram_matrix(s)
     scale = torch.diagonal(m, dim1=1, dim2=2).clamp_min(torch.finfo(m.dtype).tiny).rsqrt()
-    values, vectors = torch.linalg.eigh(scale[:, :, None] * m * scale[:, None, :])
+    values, vectors = eigh(scale[:, :, None] * m * scale[:, None, :])
     kept = values > drop * values[:, -1:].clamp_min(torch.finfo(m.dtype).tiny)
     inv_sqrt = torch.where(kept, values.clamp_min(torch.finfo(m.dtype).tiny).rsqrt(), torch.zeros_like(values))
     return (scale[:, :, None] * vectors * inv_sqrt[:, None, :]).to(s.dtype), kept
 
 
-def rayleigh_ritz(s: torch.Tensor, a_s: torch.Tensor, count: int, x: Optional[torch.Tensor] = None,
-                  a_x: Optional[torch.Tensor] = None):
+def rayleigh_ritz(s: torch.Tensor, apply: Callable[[torch.Tensor], torch.Tensor], count: int,
+                  x: Optional[torch.Tensor] = None, a_x: Optional[torch.Tensor] = None):
     """The ``count`` smallest Ritz pairs of the operator on span([X, S]).
 
-    X [b, n, kx] (orthonormal, optional), S [b, n, ks], with A X and A S. S is projected off X
-    twice and orthonormalised by SVQB; no difference of nearly equal blocks is ever formed.
-    Returns (X' [b, n, count], A X', P', A P', theta [b, count], largest |theta| [b]) where P' is
-    the part of X' outside span(X) (the LOBPCG direction).
+    X [b, n, kx] (orthonormal, optional) with A X, S [b, n, ks]; ``apply`` computes A Q. S is
+    projected off X twice and orthonormalised by SVQB, and only then is A applied: no difference of
+    nearly equal blocks is ever formed, so errors of a low-precision A stay relative to ||A||.
+    Returns (X' [b, n, count], A X', P' [b, n, count], theta [b, count], largest |theta| [b]) where
+    P' is the part of X' outside span(X) (the LOBPCG direction).
     """
     if x is not None:
         for _ in range(2):
-            overlap = x.transpose(1, 2) @ s
-            s, a_s = s - x @ overlap, a_s - a_x @ overlap
+            s = s - x @ (x.transpose(1, 2) @ s)
     transform, kept = svqb(s)
-    q, a_q = s @ transform, a_s @ transform
+    q = s @ transform
+    a_q = apply(q)
     basis = q if x is None else torch.cat([x, q], dim=2)
     a_basis = a_q if x is None else torch.cat([a_x, a_q], dim=2)
-    h = basis.double().transpose(1, 2) @ a_basis.double()
+    h = inner_products(basis, a_basis)
+    if x is not None:
+        # the coupling X^T A Q from the carried (full-precision) A X, not from A Q: its true size is
+        # that of the residuals, and the errors of a low-precision A Q would swamp it near convergence
+        kx = x.shape[2]
+        coupling = inner_products(a_x, q)
+        h[:, :kx, kx:] = coupling
+        h[:, kx:, :kx] = coupling.transpose(1, 2)
     h = 0.5 * (h + h.transpose(1, 2))
     # dropped directions get a Rayleigh quotient far above every real one, so none is picked
     dropped = torch.cat([torch.zeros_like(kept[:, : basis.shape[2] - q.shape[2]]), ~kept], dim=1)
     big = 10.0 * (h.abs().amax(dim=(1, 2), keepdim=True) + 1.0)
     h = h.masked_fill(dropped[:, :, None] | dropped[:, None, :], 0.0) + torch.diag_embed(dropped.to(h.dtype)) * big
-    theta, coefficients = torch.linalg.eigh(h)
+    theta, coefficients = eigh(h)
     real = torch.arange(theta.shape[1], device=theta.device) < (~dropped).sum(dim=1, keepdim=True)
     c = coefficients[:, :, :count].to(s.dtype)
-    c_q = c[:, basis.shape[2] - q.shape[2]:]
-    p, a_p = q @ c_q, a_q @ c_q
-    return basis @ c, a_basis @ c, p, a_p, theta[:, :count], torch.where(real, theta.abs(), 0.0).amax(dim=1)
+    p = q @ c[:, basis.shape[2] - q.shape[2]:]
+    return basis @ c, a_basis @ c, p, theta[:, :count], torch.where(real, theta.abs(), 0.0).amax(dim=1)
 
 
 @dataclass
@@ -164,26 +209,48 @@ def smallest_eigenvectors(
     oversampling: int,
     tolerance: float,
     max_iterations: int,
-    precondition: bool = True,
+    precondition: Optional[bool] = None,
     check_every: Optional[int] = None,
+    working: Optional[BlockOperator] = None,
     generator: Optional[torch.Generator] = None,
 ):
     """V [b, n, r]: the r smallest eigenvectors of every Omega'_b (ascending), and SolveInfo.
 
-    ``precondition`` adds Zd R to the search space; convergence is checked every ``check_every``
+    ``precondition`` adds Zd R to the search space (None: when ``variance_dominates`` at the bias
+    scale the warm start shows, -theta_min >= alpha sigma^2 - c' ||Zd^-1||); convergence is checked every ``check_every``
     iterations (default 1 on CPU, 4 on accelerators, where each check synchronises the host).
+    ``working``: op in a lower precision (``op.to(torch.float32)``) that applies Omega' to the new
+    search directions, while the Ritz vectors, A X and the projected problems stay in
+    op's. A X is recomputed in full precision once a module's residual reaches the working
+    precision's floor and again to confirm convergence, so the tolerance is met in op's precision:
+    the corrections applied in low precision shrink with the residual, and so do their errors.
     """
     if check_every is None:
         check_every = 1 if op.gradient.device.type == "cpu" else 4
     batch, _, n = op.gradient.shape
     k = min(rank + oversampling, n)
     dtype, device = op.gradient.dtype, op.gradient.device
+    mixed = working is not None and working.gradient.dtype != dtype
+    working = working if mixed else op
+    # below this carried residual, low-precision drift of A X may dominate: refresh A X once
+    floor = max(tolerance, 1e3 * torch.finfo(working.gradient.dtype).eps) if mixed else tolerance
+    refreshed = torch.full((batch,), not mixed)
+    since_refresh = torch.zeros(batch, dtype=torch.long)  # iterations since A X was refreshed
+
+    def fast(method, x):
+        """working.method(x) [b, n, c] on unit columns (Omega' X alone may overflow fp32), rescaled."""
+        scale = x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        return getattr(working, method)((x / scale).to(working.gradient.dtype)).to(dtype) * scale
+
     start = torch.randn(batch, n, k, dtype=dtype, device="cpu", generator=generator).to(device)
     # warm start: Delta's dominant subspace, with the random block kept so that the span has k dimensions
-    warm = torch.cat([op.gram(start), start], dim=2)
-    x, ax, _, _, _, norm = rayleigh_ritz(warm, op.omega(warm), k)
-    p = ap = None
+    warm = torch.cat([fast("gram", start), start], dim=2)
+    x, ax, _, theta, norm = rayleigh_ritz(warm, lambda q: fast("omega", q), k)
+    if precondition is None:
+        precondition = op.variance_dominates((-theta[:, 0]).clamp_min(0.0))
+    p = None
     active = torch.arange(batch, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool)  # per active module (host): its result is stored
     result = torch.empty(batch, n, rank, dtype=dtype, device=device)
     iterations = torch.zeros(batch, dtype=torch.long)
     residuals = torch.zeros(batch, dtype=torch.float64)
@@ -194,31 +261,47 @@ def smallest_eigenvectors(
         r = r * (r.norm(dim=1, keepdim=True) > tolerance * norm[:, None, None])
         if step % check_every == 0 or step == max_iterations:
             relative = _relative_residual(r, rank, norm)
-            candidates = ((relative <= tolerance) | (step == max_iterations)).nonzero().flatten()
+            last = step == max_iterations
+            wanted = (relative <= tolerance) | last | (~refreshed & (relative <= floor))
+            candidates = (wanted & ~finished).nonzero().flatten()
             if candidates.numel():
-                # confirm on a fresh A X: the carried one drifts through the linear combinations
+                # a fresh A X in full precision: the carried one drifts through the linear combinations
                 fresh = candidates.to(device)
                 ax[fresh] = op.select(fresh).omega(x[fresh])
                 r[fresh] = ax[fresh] - x[fresh] * theta[fresh][:, None, :]
                 relative[candidates] = _relative_residual(r[fresh], rank, norm[fresh])
-            done = (relative <= tolerance) | (step == max_iterations)
+                refreshed[candidates] = True
+            since_refresh = torch.where(refreshed, since_refresh + 1, since_refresh)
+            done = ~finished & ((relative <= tolerance) | last)
             if done.any():
                 idx = done.nonzero().flatten()
                 result[active[idx.to(device)]] = x[idx.to(device), :, :rank]
                 iterations[active.cpu()[idx]] = step
                 residuals[active.cpu()[idx]] = relative[idx]
-                keep = (~done).nonzero().flatten().to(device)
-                if keep.numel() == 0:
-                    break
-                active, op, x, ax, r, norm = active[keep], op.select(keep), x[keep], ax[keep], r[keep], norm[keep]
+                finished |= done
+            if bool(finished.all()):
+                break
+            # finished modules leave the batch once they are half of it (each exit copies the rest's G)
+            if 2 * int(finished.sum()) >= len(finished):
+                keep = (~finished).nonzero().flatten()
+                refreshed, finished, since_refresh = refreshed[keep], finished[keep], since_refresh[keep]
+                keep = keep.to(device)
+                active, x, ax, r, norm = active[keep], x[keep], ax[keep], r[keep], norm[keep]
+                op = op.select(keep)
+                working = working.select(keep) if mixed else op
                 p = None if p is None else p[keep]
-                ap = None if ap is None else ap[keep]
-        w = torch.cat([r, op.zd(r)], dim=2) if precondition else r
-        blocks, a_blocks = [w], [op.omega(w)]
+            r[finished.to(device)] = 0.0
+            if mixed and bool((since_refresh[~finished] > STAGNATION_ITERATIONS).any()):
+                # the working precision's errors stall a nearly degenerate module (rotations inside
+                # a cluster keep the corrections large): go on in full precision, from a fresh A X
+                mixed, working = False, op
+                ax = op.omega(x)
+                theta = (x.transpose(1, 2) @ ax).diagonal(dim1=1, dim2=2)
+                r = (ax - x * theta[:, None, :]) * (~finished).to(device)[:, None, None]
+        blocks = [r, fast("zd", r)] if precondition else [r]
         if p is not None:
             blocks.append(p)
-            a_blocks.append(ap)
-        x, ax, p, ap, _, new_norm = rayleigh_ritz(torch.cat(blocks, 2), torch.cat(a_blocks, 2), k, x, ax)
+        x, ax, p, _, new_norm = rayleigh_ritz(torch.cat(blocks, 2), lambda q: fast("omega", q), k, x, ax)
         norm = torch.maximum(norm, new_norm)
     return result, SolveInfo(iterations, residuals)
 
@@ -234,15 +317,16 @@ def top_singular_values(op: BlockOperator, *, block: int, tolerance: float, max_
     x = start
     if x is None:
         x = torch.randn(batch, n, min(block, n), dtype=op.gradient.dtype, device="cpu", generator=generator)
-        x = x.to(op.gradient.device)
+    x = x.to(device=op.gradient.device, dtype=op.gradient.dtype)
     previous = None
     for _ in range(max_iterations):
         x = x @ svqb(x)[0]
         y = op.delta(x)
-        theta, vectors = torch.linalg.eigh(gram_matrix(y))
+        theta, vectors = eigh(gram_matrix(y))
         top = theta[:, -1].clamp_min(0.0)
         if previous is not None and bool(((top - previous).abs() <= tolerance * top).all()):
             break
         previous = top
-        x = op.delta_t(y @ vectors.to(y.dtype))
+        y = y @ vectors.to(y.dtype)
+        x = op.delta_t(y / y.norm(dim=1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny))
     return top.sqrt().to(op.gradient.dtype)

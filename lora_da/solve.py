@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import LoraDAConfig, resolve_config
-from .eigensolver import BlockOperator, smallest_eigenvectors, top_singular_values
+from .eigensolver import BlockOperator, eigh, smallest_eigenvectors, top_singular_values
 from .statistics import Statistics
 
 
@@ -78,7 +78,7 @@ def exact_subspace(dhat: torch.Tensor, chol: torch.Tensor, c: float, bias_weight
     if c == 0.0:
         return torch.linalg.svd(dhat, full_matrices=False).Vh[:rank].T
     omega = -bias_weight * (dhat.T @ dhat) + c * torch.cholesky_inverse(chol)
-    return torch.linalg.eigh(0.5 * (omega + omega.T)).eigenvectors[:, :rank]
+    return eigh(0.5 * (omega + omega.T)).eigenvectors[:, :rank]
 
 
 @dataclass
@@ -215,21 +215,19 @@ class _BatchedSolver:
             variance=cfg.variance_weight * d.sum(dim=1) / self.population,
             bias_weight=cfg.bias_weight,
         )
-        # a rough sigma decides the preconditioner; the subspace found then starts the exact one
-        rough = top_singular_values(op, block=8, tolerance=1e-2, max_iterations=cfg.solver_max_iterations,
-                                    generator=self.generator)
-        if bool((rough == 0).any()):
-            zero = [name for name, s in zip(names, rough.tolist()) if s == 0]
-            raise ValueError(f"modules {zero}: the gradient is zero, LoRA-DA has no direction to follow")
+        zero = (torch.linalg.vector_norm(op.gradient, dim=(1, 2)) == 0).tolist()
+        if any(zero):
+            names = [name for name, z in zip(names, zero) if z]
+            raise ValueError(f"modules {names}: the gradient is zero, LoRA-DA has no direction to follow")
         v, convergence = smallest_eigenvectors(
             op, rank, oversampling=cfg.solver_oversampling, tolerance=cfg.solver_tolerance,
-            max_iterations=cfg.solver_max_iterations, precondition=op.variance_dominates(rough),
-            generator=self.generator,
+            max_iterations=cfg.solver_max_iterations, generator=self.generator,
+            working=op.to(torch.float32) if cfg.solver_mixed_precision else None,
         )
         if cfg.normalize_delta:
             sigma = top_singular_values(op, block=8, tolerance=1e-10, max_iterations=cfg.solver_max_iterations,
                                         start=v)
         else:
-            sigma = torch.ones_like(rough)
+            sigma = torch.ones(len(names), dtype=op.gradient.dtype, device=op.gradient.device)
         v = fix_signs(v)
         return v, op.delta(v) / sigma[:, None, None], convergence
