@@ -22,7 +22,7 @@ _map_source_kernels()
 from .collect import collect_statistics
 from .config import LoraDAConfig
 from .initialize import InitReport, initialize
-from .solve import LoraFactors, solve
+from .solve import LoraFactors, solve, solve_sweep
 from .statistics import InputStatistics, ModuleStatistics, Statistics
 
 __version__ = "0.1.0"
@@ -36,5 +36,6 @@ __all__ = [
     "InitReport",
     "collect_statistics",
     "solve",
+    "solve_sweep",
     "initialize",
 ]

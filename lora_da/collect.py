@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import dispatch
+from . import dispatch, distributed
 from .config import LoraDAConfig, resolve_config
 from .statistics import InputStatistics, ModuleStatistics, Statistics
 from .targets import Target, find_targets
@@ -276,6 +277,9 @@ def collect_statistics(
     ``loader`` is any iterable of batches (dicts for Hugging Face models). ``loss_fn(model,
     batch)`` returns the sum over the batch's sequences of each sequence's mean token loss
     (default: B * model(**batch).loss). The model comes back exactly as it was, also on error.
+    Inside a torch.distributed process group every rank must call this: each collects its shard
+    (the loader's DistributedSampler, else every world-size-th batch) and all get the sums over
+    all ranks; if one rank fails, every rank raises.
     """
     cfg = resolve_config(cfg, overrides)
     dispatch.requested_backend(cfg.backend)  # fail early on a bad LORA_DA_BACKEND
@@ -287,42 +291,85 @@ def collect_statistics(
         )
     loss_fn = loss_fn or default_loss
     device = _model_device(model)
+    place = distributed.world()
+    by_index = place is not None and not distributed.presharded(loader)
+    if place is not None:
+        if not by_index and cfg.num_samples is not None:
+            raise ValueError("num_samples with a DistributedSampler loader: size the sampler's dataset instead")
+        if by_index:
+            logger.info("lora_da: rank %d of %d takes calibration batches %d, %d + %d, ... (no DistributedSampler)",
+                        place[0], place[1], place[0], place[0], place[1])
     collector = _Collector(targets, cfg)
-    num_sequences = 0
+    num_sequences = 0  # collected by this process
+    seen = 0  # sequences of every rank so far (num_samples counts these)
     total = len(loader) if hasattr(loader, "__len__") else None
     handles = []
+    error = None
     with frozen_eval(model), torch.enable_grad():
         try:
             handles = [t.module.register_forward_hook(collector.hook(name)) for name, t in targets.items()]
-            bar = tqdm(loader, total=total, desc="lora_da collect", unit="batch", disable=not progress)
+            bar = tqdm(loader, total=total, desc="lora_da collect", unit="batch",
+                       disable=not progress or not distributed.is_main_process())
             for index, batch in enumerate(bar):
                 size = batch_size(batch)
-                if cfg.num_samples is not None and num_sequences + size > cfg.num_samples:
-                    size = cfg.num_samples - num_sequences
+                if cfg.num_samples is not None and seen + size > cfg.num_samples:
+                    size = cfg.num_samples - seen
                     batch = _truncate(batch, size)
-                batch = _to_device(batch, device)
-                collector.start_batch(batch, size)
-                loss = loss_fn(model, batch)
-                if loss.dim() != 0:
-                    raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)} at batch {index}")
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss ({loss.item()}) at batch {index}")
-                if not loss.requires_grad:
-                    raise RuntimeError(f"the loss at batch {index} does not depend on any targeted module")
-                loss.backward()
-                collector.finish_batch()
-                num_sequences += size
-                if cfg.num_samples is not None and num_sequences >= cfg.num_samples:
+                seen += size
+                if not by_index or distributed.owns_batch(index, place):
+                    _collect_batch(model, batch, index, size, device, collector, loss_fn)
+                    num_sequences += size
+                if cfg.num_samples is not None and seen >= cfg.num_samples:
                     break
             bar.close()
+            if place is not None and num_sequences == 0:
+                raise ValueError(f"rank {place[0]} of {place[1]} received no calibration batch: "
+                                 "use fewer ranks or more batches")
+        except BaseException as exc:
+            if place is None:
+                raise
+            error = exc
         finally:
             for handle in handles:
                 handle.remove()
             collector.events.clear()
+    if place is not None:
+        distributed.agree_on_failure(error, device)
     if num_sequences == 0:
         raise ValueError("the calibration loader produced no batches")
-    population_size = _population_size(cfg, loader, num_sequences)
-    return collector.statistics(num_sequences, population_size)
+    stats = collector.statistics(num_sequences, 0)
+    if place is not None:
+        distributed.reduce_statistics(stats)
+    bad = stats.non_finite()
+    if bad:
+        raise FloatingPointError(f"non-finite statistics (NaN/Inf activations or gradients with a finite loss) in modules {bad}")
+    stats.population_size = _population_size(cfg, loader, stats.num_sequences)
+    stats.config = config_record(cfg)
+    return stats
+
+
+def _collect_batch(model: nn.Module, batch, index: int, size: int, device: torch.device, collector: _Collector,
+                   loss_fn: LossFn) -> None:
+    """Forward and backward of one batch with the hooks on."""
+    batch = _to_device(batch, device)
+    collector.start_batch(batch, size)
+    loss = loss_fn(model, batch)
+    if loss.dim() != 0:
+        raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)} at batch {index}")
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) at batch {index}")
+    if not loss.requires_grad:
+        raise RuntimeError(f"the loss at batch {index} does not depend on any targeted module")
+    loss.backward()
+    collector.finish_batch()
+
+
+def config_record(cfg: LoraDAConfig) -> Dict[str, object]:
+    """The config's fields as JSON values (what statistics files record)."""
+    record = dataclasses.asdict(cfg)
+    if isinstance(record["target_modules"], tuple):
+        record["target_modules"] = list(record["target_modules"])
+    return record
 
 
 def _population_size(cfg: LoraDAConfig, loader, num_sequences: int) -> int:

@@ -13,6 +13,7 @@ from torch import nn
 from .collect import collect_statistics
 from .config import LoraDAConfig, resolve_config
 from .solve import LoraFactors, check_ranks, solve_with_report
+from .statistics import Statistics
 from .targets import linear_shape, lora_layers, matches
 
 logger = logging.getLogger(__name__)
@@ -96,11 +97,12 @@ def apply_factors(layers: Dict[str, nn.Module], factors: Dict[str, LoraFactors],
 
 def initialize(
     peft_model: nn.Module,
-    loader: Iterable,
+    loader: Optional[Iterable],
     cfg: Optional[LoraDAConfig] = None,
     adapter_name: Optional[str] = None,
     loss_fn: Optional[Callable] = None,
     *,
+    statistics: Optional[Statistics] = None,
     progress: bool = True,
     **overrides,
 ) -> InitReport:
@@ -109,21 +111,30 @@ def initialize(
     Each LoRA layer keeps its own rank (``rank_pattern`` honoured; ``cfg.rank`` is not used);
     targets are the adapter's LoRA layers, narrowed by ``cfg.target_modules`` when given. The
     base weights are not touched; statistics are taken with the adapters disabled.
+    ``statistics`` (e.g. ``Statistics.load(path)``): solve from these instead of collecting
+    (``loader`` may be None); they must cover exactly the targeted layers, with their shapes.
     """
     cfg = resolve_config(cfg, overrides)
     adapter_name, layers = _adapter_layers(peft_model, adapter_name, cfg.target_modules)
     ranks = {name: layer.r[adapter_name] for name, layer in layers.items()}
-    check_ranks({name: linear_shape(layer.get_base_layer()) for name, layer in layers.items()}, ranks)
+    shapes = {name: linear_shape(layer.get_base_layer()) for name, layer in layers.items()}
+    check_ranks(shapes, ranks)
+    if statistics is not None:
+        statistics.check_matches(shapes)
+    elif loader is None:
+        raise ValueError("initialize needs a calibration loader or statistics=")
     device = next(peft_model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = {}
     start = time.perf_counter()
-    disabled = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
-    with disabled:
-        stats = collect_statistics(
-            peft_model, loader, cfg.replace(target_modules=tuple(layers)), loss_fn, progress=progress
-        )
+    stats = statistics
+    if stats is None:
+        disabled = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
+        with disabled:
+            stats = collect_statistics(
+                peft_model, loader, cfg.replace(target_modules=tuple(layers)), loss_fn, progress=progress
+            )
     seconds["collect"] = time.perf_counter() - start
     start = time.perf_counter()
     factors, solver = solve_with_report(stats, cfg, ranks=ranks, progress=progress)

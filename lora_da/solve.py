@@ -4,11 +4,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import LoraDAConfig, resolve_config
 from .eigensolver import BlockOperator, eigh, smallest_eigenvectors, top_singular_values
 from .statistics import Statistics
@@ -106,15 +107,16 @@ def natural_gradient(stats: Statistics, name: str, chol: torch.Tensor, cfg: Lora
     return NaturalGradient(delta / sigma, sigma, d, chol)
 
 
-def input_choleskys(stats: Statistics, damping: float) -> Dict[str, torch.Tensor]:
-    """Input key -> lower Cholesky factor of Zd = Z + damping*I (fp64), once per distinct input."""
+def input_choleskys(stats: Statistics, damping: float, keys: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """Input key -> lower Cholesky factor of Zd = Z + damping*I (fp64), once per distinct input
+    (of ``keys``, default all)."""
     silent = [key for key, entry in stats.inputs.items() if entry.num_tokens == 0]
     if silent:
         names = [m for key in silent for m in stats.inputs[key].modules]
         raise ValueError(f"no counted token reached modules {names}: their statistics are empty")
     factors = {}
-    for key, entry in stats.inputs.items():
-        factors[key], _ = damped_cholesky(stats.input_factor(key).double(), damping, "/".join(entry.modules))
+    for key in stats.inputs if keys is None else keys:
+        factors[key], _ = damped_cholesky(stats.input_factor(key).double(), damping, "/".join(stats.inputs[key].modules))
     return factors
 
 
@@ -136,7 +138,8 @@ def solve(
     """LoRA-DA factors for every module in ``stats`` (ALGORITHM.md steps 2-4).
 
     ``ranks`` maps module names to their own rank (default ``cfg.rank``). Factors are fp64 when
-    the statistics are, else fp32, on the statistics' device.
+    the statistics are, else fp32, on the statistics' device. Inside a torch.distributed process
+    group every rank must call this: each solves a share of the modules and all get every factor.
     """
     return solve_with_report(stats, cfg, ranks=ranks, progress=progress, **overrides)[0]
 
@@ -153,36 +156,94 @@ def solve_with_report(
     iterations and the largest relative residual for the randomized solver}."""
     cfg = resolve_config(cfg, overrides)
     ranks = {name: (ranks or {}).get(name, cfg.rank) for name in stats.modules}
-    check_ranks({name: tuple(s.g_sum.shape) for name, s in stats.modules.items()}, ranks)
-    cholesky = input_choleskys(stats, cfg.damping)
+    sweep, report = _solve(stats, cfg, [ranks], [cfg.variance_weight], list(stats.modules), progress)
+    return sweep[(cfg.variance_weight, 0)], report
+
+
+def solve_sweep(
+    stats: Statistics,
+    cfg: Optional[LoraDAConfig] = None,
+    *,
+    variance_weights: Optional[Sequence[float]] = None,
+    ranks: Optional[Sequence[int]] = None,
+    progress: bool = True,
+    **overrides,
+) -> Dict[Tuple[float, int], Dict[str, LoraFactors]]:
+    """One factor set per (variance_weight, rank) combination from one set of statistics.
+
+    Default: the config's value for whichever of the two is not swept. The Cholesky factors,
+    natural gradients and sigma are computed once; each variance weight takes one subspace
+    solve at the largest rank, whose leading columns serve the smaller ranks. Equals separate
+    ``solve`` calls (to the solver's tolerance on the randomized path).
+    """
+    cfg = resolve_config(cfg, overrides)
+    betas = list(dict.fromkeys(variance_weights if variance_weights is not None else [cfg.variance_weight]))
+    rank_list = list(dict.fromkeys(ranks if ranks is not None else [cfg.rank]))
+    for beta in betas:
+        cfg.replace(variance_weight=beta)  # validates
+    if not rank_list or any(not (isinstance(r, int) and r >= 1) for r in rank_list):
+        raise ValueError(f"ranks must be positive integers, got {rank_list!r}")
+    rank_sets = [{name: r for name in stats.modules} for r in rank_list]
+    sweep, _ = _solve(stats, cfg, rank_sets, betas, list(stats.modules), progress)
+    return {(beta, rank): sweep[(beta, i)] for beta in betas for i, rank in enumerate(rank_list)}
+
+
+def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]], betas: List[float],
+           names: List[str], progress: bool):
+    """Factors of the modules ``names`` for every (beta, rank set index), and the report."""
+    for rank_set in rank_sets:
+        check_ranks({name: tuple(stats.modules[name].g_sum.shape) for name in names}, rank_set)
     population = cfg.population_size or stats.population_size
     out_dtype = torch.float64 if stats.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(cfg.gamma)
     groups: Dict[Tuple[int, int, int], list] = {}
-    for name, entry in stats.modules.items():
-        groups.setdefault((*entry.g_sum.shape, ranks[name]), []).append(name)
+    for name in names:
+        groups.setdefault((*stats.modules[name].g_sum.shape, max(rs[name] for rs in rank_sets)), []).append(name)
+    place = distributed.world()
+    if place is not None:  # each rank solves its share of every shape; the factors are broadcast after
+        owners = distributed.module_owners(list(groups.values()), place[1])
+        groups = {key: [n for n in group if owners[n] == place[0]] for key, group in groups.items()}
+        groups = {key: group for key, group in groups.items() if group}
+    cholesky = input_choleskys(stats, cfg.damping, dict.fromkeys(stats.modules[n].input_key
+                                                                 for group in groups.values() for n in group))
     batched = _BatchedSolver(stats, cfg, cholesky, population)
-    factors: Dict[str, LoraFactors] = {}
+    subspaces: Dict[Tuple[float, str], Tuple[torch.Tensor, torch.Tensor]] = {}  # V [n, R], Delta V / sigma [m, R]
     report: Dict[str, dict] = {}
-    for (m, n, rank), names in tqdm(groups.items(), desc="lora_da solve", unit="shape", disable=not progress):
+    for (m, n, rank), group in tqdm(groups.items(), desc="lora_da solve", unit="shape", disable=not progress):
         solver = resolve_solver(cfg.solver, n)
-        info: Dict[str, object] = {"solver": solver, "modules": len(names)}
+        info: Dict[str, object] = {"solver": solver, "modules": len(group)}
         if solver == "exact":
-            for name in names:
+            for name in group:
                 ng = natural_gradient(stats, name, cholesky[stats.modules[name].input_key], cfg)
-                c = ng.variance_coefficient(cfg, population)
-                v = fix_signs(exact_subspace(ng.delta_hat, ng.chol, c, cfg.bias_weight, rank))
-                factors[name] = LoraFactors(v.T * scale, ng.delta_hat @ v * scale)
+                for beta in betas:
+                    c = ng.variance_coefficient(cfg.replace(variance_weight=beta), population)
+                    v = fix_signs(exact_subspace(ng.delta_hat, ng.chol, c, cfg.bias_weight, rank))
+                    subspaces[(beta, name)] = v, ng.delta_hat @ v
         else:
-            v, lora_b, convergence = batched.solve(names, rank)
-            for i, name in enumerate(names):
-                factors[name] = LoraFactors(v[i].T * scale, lora_b[i] * scale)
-            info.update(iterations=int(convergence.iterations.max()), residual=float(convergence.residuals.max()))
+            for beta in betas:
+                v, lora_b, convergence = batched.solve(group, rank, beta)
+                for i, name in enumerate(group):
+                    subspaces[(beta, name)] = v[i], lora_b[i]
+                iterations = max(int(convergence.iterations.max()), info.get("iterations", 0))
+                info.update(iterations=iterations, residual=max(float(convergence.residuals.max()), info.get("residual", 0.0)))
         report[f"{m}x{n}, r={rank}"] = info
-    return {
-        name: LoraFactors(factors[name].lora_A.to(out_dtype).contiguous(), factors[name].lora_B.to(out_dtype).contiguous())
-        for name in stats.modules
-    }, report
+    sweep = {}
+    for beta in betas:
+        for i, rank_set in enumerate(rank_sets):
+            sweep[(beta, i)] = {}
+            for name in names:
+                if (beta, name) not in subspaces:
+                    continue  # another rank's module
+                v, lora_b = subspaces[(beta, name)]
+                r = rank_set[name]
+                sweep[(beta, i)][name] = LoraFactors((v[:, :r].T * scale).to(out_dtype).contiguous(),
+                                                     (lora_b[:, :r] * scale).to(out_dtype).contiguous())
+            if place is not None:
+                shapes = {name: (*stats.modules[name].g_sum.shape, rank_set[name]) for name in names}
+                device = next(iter(stats.inputs.values())).z_sum.device
+                sweep[(beta, i)] = distributed.broadcast_factors(sweep[(beta, i)], owners, shapes, out_dtype, device,
+                                                                 LoraFactors)
+    return sweep, report
 
 
 class _BatchedSolver:
@@ -191,6 +252,8 @@ class _BatchedSolver:
     def __init__(self, stats: Statistics, cfg: LoraDAConfig, cholesky: Dict[str, torch.Tensor], population: int):
         self.stats, self.cfg, self.cholesky, self.population = stats, cfg, cholesky, population
         self.inverses: Dict[str, torch.Tensor] = {}  # input key -> L^-1, once per distinct input
+        self.operators: Dict[Tuple[str, ...], tuple] = {}  # module names -> (op, fp32 working op or None)
+        self.sigmas: Dict[Tuple[str, ...], torch.Tensor] = {}  # module names -> sigma [b] (any variance weight)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def inverse(self, key: str) -> torch.Tensor:
@@ -200,34 +263,47 @@ class _BatchedSolver:
             self.inverses[key] = torch.linalg.solve_triangular(chol, eye, upper=False)
         return self.inverses[key]
 
-    def solve(self, names, rank: int):
+    def operator(self, names) -> Tuple[BlockOperator, Optional[BlockOperator]]:
+        """Omega' of the modules ``names`` (one shape) with c' = 0, and its fp32 working copy."""
+        key = tuple(names)
+        if key not in self.operators:
+            stats, cfg = self.stats, self.cfg
+            d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping) for name in names])
+            keys = [stats.modules[name].input_key for name in names]
+            distinct = list(dict.fromkeys(keys))
+            op = BlockOperator(
+                gradient=torch.stack([stats.gradient(name).double() for name in names]),
+                d=d,
+                chol=torch.stack([self.cholesky[key] for key in distinct]),
+                chol_inv=torch.stack([self.inverse(key) for key in distinct]),
+                owner=torch.tensor([distinct.index(key) for key in keys]),
+                variance=torch.zeros(len(names), dtype=d.dtype, device=d.device),
+                bias_weight=cfg.bias_weight,
+            )
+            zero = (torch.linalg.vector_norm(op.gradient, dim=(1, 2)) == 0).tolist()
+            if any(zero):
+                silent = [name for name, z in zip(names, zero) if z]
+                raise ValueError(f"modules {silent}: the gradient is zero, LoRA-DA has no direction to follow")
+            self.operators[key] = op, op.to(torch.float32) if cfg.solver_mixed_precision else None
+        return self.operators[key]
+
+    def solve(self, names, rank: int, variance_weight: float):
         """(V [b, n, r], Delta V / sigma [b, m, r], SolveInfo) for the modules ``names`` (one shape)."""
-        stats, cfg = self.stats, self.cfg
-        d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping) for name in names])
-        keys = [stats.modules[name].input_key for name in names]
-        distinct = list(dict.fromkeys(keys))
-        op = BlockOperator(
-            gradient=torch.stack([stats.gradient(name).double() for name in names]),
-            d=d,
-            chol=torch.stack([self.cholesky[key] for key in distinct]),
-            chol_inv=torch.stack([self.inverse(key) for key in distinct]),
-            owner=torch.tensor([distinct.index(key) for key in keys]),
-            variance=cfg.variance_weight * d.sum(dim=1) / self.population,
-            bias_weight=cfg.bias_weight,
-        )
-        zero = (torch.linalg.vector_norm(op.gradient, dim=(1, 2)) == 0).tolist()
-        if any(zero):
-            names = [name for name, z in zip(names, zero) if z]
-            raise ValueError(f"modules {names}: the gradient is zero, LoRA-DA has no direction to follow")
+        op, working = self.operator(names)
+        cfg = self.cfg
+        op.variance = variance_weight * op.d.sum(dim=1) / self.population
+        if working is not None:
+            working.variance = op.variance.to(working.variance.dtype)
         v, convergence = smallest_eigenvectors(
             op, rank, oversampling=cfg.solver_oversampling, tolerance=cfg.solver_tolerance,
-            max_iterations=cfg.solver_max_iterations, generator=self.generator,
-            working=op.to(torch.float32) if cfg.solver_mixed_precision else None,
+            max_iterations=cfg.solver_max_iterations, generator=self.generator, working=working,
         )
-        if cfg.normalize_delta:
-            sigma = top_singular_values(op, block=8, tolerance=1e-10, max_iterations=cfg.solver_max_iterations,
-                                        start=v)
-        else:
-            sigma = torch.ones(len(names), dtype=op.gradient.dtype, device=op.gradient.device)
+        if tuple(names) not in self.sigmas:
+            if cfg.normalize_delta:
+                self.sigmas[tuple(names)] = top_singular_values(op, block=8, tolerance=1e-10,
+                                                                max_iterations=cfg.solver_max_iterations, start=v)
+            else:
+                self.sigmas[tuple(names)] = torch.ones(len(names), dtype=op.gradient.dtype, device=op.gradient.device)
+        sigma = self.sigmas[tuple(names)]
         v = fix_signs(v)
         return v, op.delta(v) / sigma[:, None, None], convergence

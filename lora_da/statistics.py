@@ -1,11 +1,16 @@
-"""The statistics one calibration pass produces (sums and counts; means on request)."""
+"""The statistics one calibration pass produces (sums and counts; means on request), and their
+files: safetensors tensors plus JSON metadata, never pickle."""
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
+
+FORMAT_VERSION = 1
 
 
 @dataclass
@@ -37,6 +42,7 @@ class Statistics:
     population_size: int  # N used by solve unless the config sets one
     token_mask: str
     output_fisher: str
+    config: Dict[str, object] = field(default_factory=dict)  # the collection's LoraDAConfig fields
 
     @property
     def num_tokens(self) -> int:
@@ -74,3 +80,112 @@ class Statistics:
         for s in self.modules.values():
             tensors += [s.g_sum, s.y_sum] + ([s.sequence_sums] if s.sequence_sums is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def non_finite(self) -> list:
+        """Modules whose G, y or input Z hold NaN or Inf."""
+        bad_inputs = {key for key, e in self.inputs.items() if not bool(torch.isfinite(e.z_sum).all())}
+        return [name for name, e in self.modules.items()
+                if e.input_key in bad_inputs or not bool(torch.isfinite(e.g_sum).all() & torch.isfinite(e.y_sum).all())]
+
+    def fingerprint(self) -> Dict[str, list]:
+        """Module name -> [m, n]: what a model must have for these statistics to apply to it."""
+        return {name: list(entry.g_sum.shape) for name, entry in self.modules.items()}
+
+    def check_matches(self, shapes: Mapping[str, Tuple[int, int]], against: str = "the model") -> None:
+        """Raise ValueError unless ``shapes`` (module name -> (m, n), e.g. a model's targets)
+        names exactly these modules with these shapes."""
+        mine = {name: tuple(shape) for name, shape in self.fingerprint().items()}
+        theirs = {name: tuple(shape) for name, shape in shapes.items()}
+        problems = [f"missing from the statistics: {sorted(set(theirs) - set(mine))}"] if set(theirs) - set(mine) else []
+        if set(mine) - set(theirs):
+            problems.append(f"not in {against}: {sorted(set(mine) - set(theirs))}")
+        problems += [f"{name}: statistics {mine[name]}, {against} {theirs[name]}"
+                     for name in sorted(mine.keys() & theirs.keys()) if mine[name] != theirs[name]]
+        if problems:
+            raise ValueError(f"statistics do not match {against}: " + "; ".join(problems))
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write a safetensors file: the sums as tensors, counts/config/fingerprint as JSON metadata."""
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        tensors = {f"inputs/{key}/z_sum": entry.z_sum for key, entry in self.inputs.items()}
+        for name, entry in self.modules.items():
+            tensors[f"modules/{name}/g_sum"] = entry.g_sum
+            tensors[f"modules/{name}/y_sum"] = entry.y_sum
+            if entry.sequence_sums is not None:
+                tensors[f"modules/{name}/sequence_sums"] = entry.sequence_sums
+        meta = {
+            "format": FORMAT_VERSION,
+            "library_version": __version__,
+            "num_sequences": self.num_sequences,
+            "population_size": self.population_size,
+            "token_mask": self.token_mask,
+            "output_fisher": self.output_fisher,
+            "config": self.config,
+            "fingerprint": self.fingerprint(),
+            "inputs": {key: {"modules": list(e.modules), "num_tokens": e.num_tokens} for key, e in self.inputs.items()},
+            "input_of": {name: entry.input_key for name, entry in self.modules.items()},
+        }
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
+                  metadata={"lora_da": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "Statistics":
+        """Read a file written by ``save``; ValueError when it is not one."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            raw = (f.metadata() or {}).get("lora_da")
+            if raw is None:
+                raise ValueError(f"{path} is not a lora_da statistics file (no 'lora_da' metadata)")
+            meta = json.loads(raw)
+            if meta.get("format") != FORMAT_VERSION:
+                raise ValueError(f"{path}: statistics format {meta.get('format')!r}, this version reads {FORMAT_VERSION}")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        inputs = {key: InputStatistics(tuple(e["modules"]), tensors[f"inputs/{key}/z_sum"], e["num_tokens"])
+                  for key, e in meta["inputs"].items()}
+        modules = {name: ModuleStatistics(key, tensors[f"modules/{name}/g_sum"], tensors[f"modules/{name}/y_sum"],
+                                          tensors.get(f"modules/{name}/sequence_sums"))
+                   for name, key in meta["input_of"].items()}
+        return cls(modules, inputs, meta["num_sequences"], meta["population_size"], meta["token_mask"],
+                   meta["output_fisher"], meta["config"])
+
+    @staticmethod
+    def merge(first: "Statistics", *others: "Statistics") -> "Statistics":
+        """Statistics of the union of the calibration data behind each argument (sums and counts
+        add, per-sequence sums concatenate, population sizes add: set ``population_size`` in the
+        config when the parts are shards of one fine-tuning set). ValueError when they differ in
+        modules, shapes, inputs, dtype, token_mask or output_fisher."""
+        merged = Statistics(
+            {name: ModuleStatistics(e.input_key, e.g_sum.clone(), e.y_sum.clone(),
+                                    None if e.sequence_sums is None else e.sequence_sums.clone())
+             for name, e in first.modules.items()},
+            {key: InputStatistics(e.modules, e.z_sum.clone(), e.num_tokens) for key, e in first.inputs.items()},
+            first.num_sequences, first.population_size, first.token_mask, first.output_fisher, dict(first.config))
+        for other in others:
+            merged._check_compatible(other)
+            for key, entry in other.inputs.items():
+                merged.inputs[key].z_sum += entry.z_sum.to(merged.inputs[key].z_sum.device)
+                merged.inputs[key].num_tokens += entry.num_tokens
+            for name, entry in other.modules.items():
+                mine = merged.modules[name]
+                mine.g_sum += entry.g_sum.to(mine.g_sum.device)
+                mine.y_sum += entry.y_sum.to(mine.y_sum.device)
+                if mine.sequence_sums is not None:
+                    mine.sequence_sums = torch.cat([mine.sequence_sums, entry.sequence_sums.to(mine.sequence_sums.device)])
+            merged.num_sequences += other.num_sequences
+            merged.population_size += other.population_size
+        return merged
+
+    def _check_compatible(self, other: "Statistics") -> None:
+        self.check_matches(other.fingerprint(), against="the other statistics")
+        for what in ("token_mask", "output_fisher", "dtype"):
+            if getattr(self, what) != getattr(other, what):
+                raise ValueError(f"cannot merge statistics with different {what}: "
+                                 f"{getattr(self, what)} and {getattr(other, what)}")
+        mine = {key: set(e.modules) for key, e in self.inputs.items()}
+        theirs = {key: set(e.modules) for key, e in other.inputs.items()}
+        if mine != theirs:
+            raise ValueError("cannot merge statistics whose modules share inputs differently")

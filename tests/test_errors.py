@@ -123,3 +123,12 @@ def test_successful_collection_leaves_the_model_as_it_was(model):
     before = model_state(model)
     collect(model, random_batches([2, 3]))
     assert_same_state(before, model_state(model))  # no .grad either
+
+
+def test_non_finite_gradients_behind_a_finite_loss_are_named(model):
+    def loss_fn(m, batch):  # sqrt at 0: a loss of 0 whose gradient is infinite
+        logits = m(input_ids=batch["input_ids"]).logits
+        return torch.sqrt((logits - logits.detach()).sum().abs())
+
+    check(model, lambda: collect(model, random_batches([2]), loss_fn=loss_fn), FloatingPointError,
+          r"non-finite statistics .* in modules \['model.layers.0.self_attn.q_proj'")

@@ -1,0 +1,128 @@
+"""Data-parallel LoRA-DA on torch.distributed (gloo on CPUs, NCCL on GPUs).
+
+Every rank collects statistics over its shard of the calibration data; the sums and counts are
+then reduced with ``all_reduce`` (one flat buffer per distinct input: Z with the G and y of the
+modules that read it), so every rank holds the statistics of all the data. The solve is split by
+module across ranks and each module's factors are broadcast from the rank that solved it, so
+every rank ends with identical adapters. Nothing here runs unless a process group is
+initialised with more than one rank.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from .statistics import Statistics
+
+logger = logging.getLogger(__name__)
+
+
+def world() -> Optional[Tuple[int, int]]:
+    """(rank, world size) inside an initialised process group of two or more ranks, else None."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a single process (the one that shows progress bars)."""
+    place = world()
+    return place is None or place[0] == 0
+
+
+def presharded(loader: Iterable) -> bool:
+    """Whether ``loader`` draws through a DistributedSampler (each rank already sees its shard)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    samplers = [getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    return any(isinstance(s, DistributedSampler) for s in samplers)
+
+
+def owns_batch(index: int, place: Tuple[int, int]) -> bool:
+    """Batch ``index`` belongs to this rank when the library shards (round robin)."""
+    rank, size = place
+    return index % size == rank
+
+
+def agree_on_failure(error: Optional[BaseException], device: torch.device) -> None:
+    """Every rank calls this after its local pass: if any rank failed, all raise (instead of the
+    healthy ones waiting forever in the reduction), the failed rank with its own error."""
+    flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+    torch.distributed.all_reduce(flag)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise RuntimeError(f"lora_da: {int(flag.item())} other rank(s) failed during collection; see their errors")
+
+
+def reduce_statistics(stats: Statistics) -> None:
+    """Sum every rank's sums and counts in place (per-sequence sums are gathered in rank order)."""
+    dist = torch.distributed
+    counts = torch.tensor([stats.num_sequences] + [e.num_tokens for e in stats.inputs.values()],
+                          dtype=torch.float64, device=_device(stats))
+    dist.all_reduce(counts)
+    stats.num_sequences = int(counts[0].item())
+    for entry, total in zip(stats.inputs.values(), counts[1:].tolist()):
+        entry.num_tokens = int(total)
+    for key, entry in stats.inputs.items():
+        modules = [stats.modules[name] for name in entry.modules]
+        tensors = [entry.z_sum] + [m.g_sum for m in modules] + [m.y_sum for m in modules]
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+    for module in stats.modules.values():
+        if module.sequence_sums is not None:
+            module.sequence_sums = _gather_rows(module.sequence_sums)
+
+
+def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """All ranks' [K_rank, m] blocks stacked in rank order (K may differ between ranks)."""
+    dist = torch.distributed
+    size = dist.get_world_size()
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(size)]
+    dist.all_gather(counts, count)
+    longest = int(max(c.item() for c in counts))
+    padded = rows.new_zeros((longest, rows.shape[1]))
+    padded[: rows.shape[0]] = rows
+    blocks = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(blocks, padded)
+    return torch.cat([block[: int(c.item())] for block, c in zip(blocks, counts)])
+
+
+def module_owners(groups: List[List[str]], size: int) -> Dict[str, int]:
+    """Module -> rank that solves it: each shape group split into contiguous, nearly equal runs,
+    so ranks keep batches of one shape and the work is even."""
+    owners = {}
+    for names in groups:
+        for index, name in enumerate(names):
+            owners[name] = index * size // len(names)
+    return owners
+
+
+def broadcast_factors(factors: Dict[str, object], owners: Dict[str, int], shapes: Dict[str, Tuple[int, int, int]],
+                      dtype: torch.dtype, device: torch.device, factor_type) -> Dict[str, object]:
+    """Every module's factors on every rank: each comes from its owner. shapes: name -> (m, n, r)."""
+    rank = torch.distributed.get_rank()
+    out = {}
+    for name, owner in owners.items():
+        m, n, r = shapes[name]
+        if owner == rank:
+            a, b = factors[name].lora_A.contiguous(), factors[name].lora_B.contiguous()
+        else:
+            a = torch.empty(r, n, dtype=dtype, device=device)
+            b = torch.empty(m, r, dtype=dtype, device=device)
+        torch.distributed.broadcast(a, src=owner)
+        torch.distributed.broadcast(b, src=owner)
+        out[name] = factor_type(a, b)
+    return out
+
+
+def _device(stats: Statistics) -> torch.device:
+    return next(iter(stats.inputs.values())).z_sum.device

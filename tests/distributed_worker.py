@@ -1,0 +1,78 @@
+"""One rank of the torchrun tests (tests/test_distributed.py): collects and solves on the golden
+model and writes what it got to OUT/rank<r>.safetensors (or, for ``fail``, what it raised).
+
+    torchrun --nproc_per_node=2 tests/distributed_worker.py GOLDEN OUT MODE [BATCHES]
+
+MODE: ``index`` (a list of batches: the library shards), ``sampler`` (a DataLoader with a
+DistributedSampler, through ``initialize`` on a PEFT model), ``fail`` (rank 1's loader raises),
+``die`` (rank 1's process exits mid-collection).
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from transformers import AutoModelForCausalLM
+
+import lora_da
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import TARGETS, assert_same_state, model_state  # noqa: E402
+
+
+def golden_batches(golden: Path, count: int):
+    tensors = load_file(str(golden / "calibration.safetensors"))
+    ids = sorted({key.split(".")[0] for key in tensors})[:count]
+    return [{k: tensors[f"{i}.{k}"][None] for k in ("input_ids", "attention_mask", "labels")} for i in ids]
+
+
+def failing(batches, die: bool):
+    for index, batch in enumerate(batches):
+        if index == 1 and dist.get_rank() == 1:
+            if die:
+                os._exit(3)
+            raise OSError("calibration shard unreadable")
+        yield batch
+
+
+def main(golden: Path, out: Path, mode: str, count: int) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    manifest = json.loads((golden / "manifest.json").read_text())
+    cfg = lora_da.LoraDAConfig(target_modules=TARGETS, **manifest["variants"]["default"])
+    model = AutoModelForCausalLM.from_pretrained(str(golden / "model")).double()
+    batches = golden_batches(golden, count)
+    if mode == "index":
+        stats = lora_da.collect_statistics(model, batches, cfg, progress=False)
+        factors = lora_da.solve(stats, cfg, progress=False)
+        tensors = {f"{n}.{k}": getattr(f, k) for n, f in factors.items() for k in ("lora_A", "lora_B")}
+        tensors["num_sequences"] = torch.tensor(stats.num_sequences)
+    elif mode == "sampler":
+        sequences = [{k: v[0] for k, v in b.items()} for b in batches]
+        loader = DataLoader(sequences, batch_size=1, sampler=DistributedSampler(sequences, shuffle=False))
+        peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, target_modules=TARGETS))
+        lora_da.initialize(peft_model, loader, cfg, progress=False)
+        tensors = {n: p.detach() for n, p in peft_model.named_parameters() if "lora_" in n}
+    else:
+        before = model_state(model)
+        try:
+            lora_da.collect_statistics(model, failing(batches, mode == "die"), cfg, progress=False)
+            outcome = "no error"
+        except Exception as error:  # noqa: BLE001 - the test reads what was raised
+            outcome = f"{type(error).__name__}: {error}"
+        assert_same_state(before, model_state(model))
+        (out / f"rank{rank}.json").write_text(json.dumps({"error": outcome}))
+        dist.destroy_process_group()
+        return
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 10**9)

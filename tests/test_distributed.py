@@ -1,0 +1,79 @@
+"""Data-parallel collection and split solve under torchrun (gloo, two CPU ranks)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import lora_da
+from conftest import TARGETS, golden_dir
+
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+
+
+def torchrun(tmp_path: Path, mode: str, count: int, expect_success: bool = True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+           str(golden_dir()), str(tmp_path), mode, str(count)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if not expect_success:
+        return done
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tmp_path
+
+
+def single_process(golden, count):
+    path, manifest, batches = golden
+    cfg = lora_da.LoraDAConfig(target_modules=TARGETS, **manifest["variants"]["default"])
+    model = AutoModelForCausalLM.from_pretrained(str(path / "model")).double()
+    return model, cfg, batches[:count]
+
+
+def assert_close_relative(got, want, bound):
+    assert float((got - want).norm() / want.norm()) <= bound
+
+
+@pytest.mark.parametrize("count", [12, 11], ids=["even", "uneven"])
+def test_two_ranks_equal_one_process(golden, tmp_path, count):
+    model, cfg, batches = single_process(golden, count)
+    want = lora_da.solve(lora_da.collect_statistics(model, batches, cfg, progress=False), cfg, progress=False)
+    out = torchrun(tmp_path, "index", count)
+    ranks = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
+    for name, factors in want.items():
+        for key in ("lora_A", "lora_B"):
+            assert torch.equal(ranks[0][f"{name}.{key}"], ranks[1][f"{name}.{key}"]), name
+        got = ranks[0][f"{name}.lora_B"] @ ranks[0][f"{name}.lora_A"]
+        assert_close_relative(got, factors.lora_B @ factors.lora_A, 1e-6)
+    assert int(ranks[0]["num_sequences"]) == count
+
+
+def test_distributed_sampler_through_initialize(golden, tmp_path):
+    model, cfg, batches = single_process(golden, 12)
+    peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, target_modules=TARGETS))
+    lora_da.initialize(peft_model, batches, cfg, progress=False)
+    want = {n: p.detach() for n, p in peft_model.named_parameters() if "lora_" in n}
+    ranks = [load_file(str(torchrun(tmp_path, "sampler", 12) / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert ranks[0].keys() == want.keys()
+    for name, value in want.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert_close_relative(ranks[0][name], value, 1e-6)
+
+
+def test_a_failing_rank_makes_every_rank_raise_with_models_untouched(tmp_path):
+    out = torchrun(tmp_path, "fail", 12)
+    errors = [json.loads((out / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
+    assert errors[1] == "OSError: calibration shard unreadable"
+    assert errors[0].startswith("RuntimeError: lora_da: 1 other rank(s) failed during collection")
+
+
+def test_a_dying_rank_ends_the_job_with_its_name(tmp_path):
+    """torchrun stops the other ranks (no hang in a collective) and names the one that died."""
+    done = torchrun(tmp_path, "die", 12, expect_success=False)
+    assert done.returncode != 0
+    assert "exitcode  : 3" in done.stderr and "rank      : 1" in done.stderr, done.stderr[-3000:]
