@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
@@ -269,6 +270,7 @@ def collect_statistics(
     cfg: Optional[LoraDAConfig] = None,
     loss_fn: Optional[LossFn] = None,
     *,
+    max_memory: Union[int, str, None] = None,
     progress: bool = True,
     **overrides,
 ) -> Statistics:
@@ -277,6 +279,10 @@ def collect_statistics(
     ``loader`` is any iterable of batches (dicts for Hugging Face models). ``loss_fn(model,
     batch)`` returns the sum over the batch's sequences of each sequence's mean token loss
     (default: B * model(**batch).loss). The model comes back exactly as it was, also on error.
+    ``max_memory`` (bytes, or "auto" = half the device's free memory) bounds the accumulators:
+    the targets are planned into groups of whole blocks (a layer's attention, its MLP) that fit,
+    one pass over ``loader`` per group (so it must be re-iterable when there are several), and
+    each finished group's statistics move to host memory. ``Statistics.passes`` says how many.
     Inside a torch.distributed process group every rank must call this: each collects its shard
     (the loader's DistributedSampler, else every world-size-th batch) and all get the sums over
     all ranks; if one rank fails, every rank raises.
@@ -289,8 +295,70 @@ def collect_statistics(
             "gradient checkpointing re-runs forward hooks during backward and would count tokens twice; "
             "disable it for collection (model.activation_checkpointing_disable()) and enable it again after"
         )
-    loss_fn = loss_fn or default_loss
     device = _model_device(model)
+    param = next(model.parameters(), None)
+    element = torch.promote_types(torch.float32, param.dtype if param is not None else torch.float32).itemsize
+    groups = plan_groups(targets, element, memory_budget(max_memory, device))
+    if len(groups) > 1 and iter(loader) is loader:
+        raise ValueError(f"max_memory needs {len(groups)} passes over the calibration data: "
+                         "pass a re-iterable loader (a list or a DataLoader), not an iterator")
+    parts = []
+    for index, group in enumerate(groups):
+        label = "lora_da collect" + (f" (pass {index + 1}/{len(groups)})" if len(groups) > 1 else "")
+        part = _collect_pass(model, loader, cfg, {name: targets[name] for name in group}, loss_fn or default_loss,
+                             device, label, progress)
+        parts.append(part.to("cpu") if len(groups) > 1 else part)
+    stats = Statistics.combine(parts) if len(parts) > 1 else parts[0]
+    stats.passes = len(groups)
+    stats.config = config_record(cfg)
+    return stats
+
+
+def memory_budget(max_memory: Union[int, str, None], device: torch.device) -> Optional[int]:
+    """Bytes the accumulators may take: ``max_memory``, or for "auto" half the free memory of
+    ``device`` (host memory for CPUs); None = unbounded."""
+    if max_memory is None:
+        return None
+    if max_memory == "auto":
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return free // 2
+    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0:
+        raise ValueError(f"max_memory must be a positive number of bytes or 'auto', got {max_memory!r}")
+    return max_memory
+
+
+def plan_groups(targets: Dict[str, Target], element_size: int, budget: Optional[int]) -> List[List[str]]:
+    """Target names in model order, split into groups whose accumulators fit ``budget`` bytes.
+
+    Modules under one parent (a layer's attention or MLP block) stay in one group, so inputs they
+    share are seen together. The estimate is an upper bound: Z [n, n] counted for every module
+    (shared inputs hold one), plus G [m, n] and y [m]; per-sequence sums are not counted.
+    """
+    blocks: Dict[str, List[str]] = {}
+    for name in targets:
+        blocks.setdefault(name.rpartition(".")[0], []).append(name)
+    groups: List[List[str]] = []
+    used = 0
+    for names in blocks.values():
+        need = element_size * sum(t.in_features ** 2 + t.out_features * (t.in_features + 1)
+                                  for t in (targets[name] for name in names))
+        if budget is not None and need > budget:
+            raise ValueError(f"max_memory={budget} bytes cannot hold the accumulators of {names} (up to {need} bytes)")
+        if groups and (budget is None or used + need <= budget):
+            groups[-1] += names
+            used += need
+        else:
+            groups.append(list(names))
+            used = need
+    return groups
+
+
+def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets: Dict[str, Target], loss_fn: LossFn,
+                  device: torch.device, label: str, progress: bool) -> Statistics:
+    """One pass over ``loader`` with hooks on ``targets``; reduced over ranks when distributed."""
     place = distributed.world()
     by_index = place is not None and not distributed.presharded(loader)
     if place is not None:
@@ -308,7 +376,7 @@ def collect_statistics(
     with frozen_eval(model), torch.enable_grad():
         try:
             handles = [t.module.register_forward_hook(collector.hook(name)) for name, t in targets.items()]
-            bar = tqdm(loader, total=total, desc="lora_da collect", unit="batch",
+            bar = tqdm(loader, total=total, desc=label, unit="batch",
                        disable=not progress or not distributed.is_main_process())
             for index, batch in enumerate(bar):
                 size = batch_size(batch)
@@ -344,7 +412,6 @@ def collect_statistics(
     if bad:
         raise FloatingPointError(f"non-finite statistics (NaN/Inf activations or gradients with a finite loss) in modules {bad}")
     stats.population_size = _population_size(cfg, loader, stats.num_sequences)
-    stats.config = config_record(cfg)
     return stats
 
 

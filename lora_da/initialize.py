@@ -5,7 +5,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ class InitReport:
     statistics_bytes: int
     peak_memory_bytes: Optional[int]  # accelerator peak during initialize; None on CPU
     solver: Dict[str, dict]  # per module shape: solver, modules, iterations, residual
+    passes: int = 1  # passes over the calibration data (more than one under a memory budget)
 
     @property
     def modules(self) -> List[str]:
@@ -45,7 +46,7 @@ class InitReport:
             f"  sequences   {self.num_sequences}   counted tokens {self.num_tokens}   population N {self.population_size}",
             "  seconds     " + "   ".join(f"{k} {v:.2f}" for k, v in self.seconds.items())
             + f"   total {sum(self.seconds.values()):.2f}",
-            f"  statistics  {self.statistics_bytes / 2**20:.1f} MiB",
+            f"  statistics  {self.statistics_bytes / 2**20:.1f} MiB in {self.passes} pass(es)",
         ]
         if self.peak_memory_bytes is not None:
             lines.append(f"  peak memory {self.peak_memory_bytes / 2**20:.1f} MiB")
@@ -103,6 +104,7 @@ def initialize(
     loss_fn: Optional[Callable] = None,
     *,
     statistics: Optional[Statistics] = None,
+    max_memory: Union[int, str, None] = None,
     progress: bool = True,
     **overrides,
 ) -> InitReport:
@@ -113,6 +115,8 @@ def initialize(
     base weights are not touched; statistics are taken with the adapters disabled.
     ``statistics`` (e.g. ``Statistics.load(path)``): solve from these instead of collecting
     (``loader`` may be None); they must cover exactly the targeted layers, with their shapes.
+    ``max_memory``: the accumulators' budget (see ``collect_statistics``). Under torch.distributed
+    every rank calls this with its loader and ends with the same adapter.
     """
     cfg = resolve_config(cfg, overrides)
     adapter_name, layers = _adapter_layers(peft_model, adapter_name, cfg.target_modules)
@@ -133,11 +137,12 @@ def initialize(
         disabled = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
         with disabled:
             stats = collect_statistics(
-                peft_model, loader, cfg.replace(target_modules=tuple(layers)), loss_fn, progress=progress
+                peft_model, loader, cfg.replace(target_modules=tuple(layers)), loss_fn, max_memory=max_memory,
+                progress=progress,
             )
     seconds["collect"] = time.perf_counter() - start
     start = time.perf_counter()
-    factors, solver = solve_with_report(stats, cfg, ranks=ranks, progress=progress)
+    factors, solver = solve_with_report(stats, cfg, ranks=ranks, device=device, progress=progress)
     seconds["solve"] = time.perf_counter() - start
     start = time.perf_counter()
     apply_factors(layers, factors, adapter_name)
@@ -153,4 +158,5 @@ def initialize(
         statistics_bytes=stats.nbytes(),
         peak_memory_bytes=peak,
         solver=solver,
+        passes=stats.passes,
     )

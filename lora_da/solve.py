@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -132,16 +132,18 @@ def solve(
     cfg: Optional[LoraDAConfig] = None,
     *,
     ranks: Optional[Mapping[str, int]] = None,
+    device: Union[str, torch.device, None] = None,
     progress: bool = True,
     **overrides,
 ) -> Dict[str, LoraFactors]:
     """LoRA-DA factors for every module in ``stats`` (ALGORITHM.md steps 2-4).
 
     ``ranks`` maps module names to their own rank (default ``cfg.rank``). Factors are fp64 when
-    the statistics are, else fp32, on the statistics' device. Inside a torch.distributed process
+    the statistics are, else fp32, on ``device`` (default: the statistics' own; statistics on the
+    host, e.g. from several passes, move there one module shape at a time). Inside a torch.distributed process
     group every rank must call this: each solves a share of the modules and all get every factor.
     """
-    return solve_with_report(stats, cfg, ranks=ranks, progress=progress, **overrides)[0]
+    return solve_with_report(stats, cfg, ranks=ranks, device=device, progress=progress, **overrides)[0]
 
 
 def solve_with_report(
@@ -149,6 +151,7 @@ def solve_with_report(
     cfg: Optional[LoraDAConfig] = None,
     *,
     ranks: Optional[Mapping[str, int]] = None,
+    device: Union[str, torch.device, None] = None,
     progress: bool = True,
     **overrides,
 ) -> Tuple[Dict[str, LoraFactors], Dict[str, dict]]:
@@ -156,7 +159,7 @@ def solve_with_report(
     iterations and the largest relative residual for the randomized solver}."""
     cfg = resolve_config(cfg, overrides)
     ranks = {name: (ranks or {}).get(name, cfg.rank) for name in stats.modules}
-    sweep, report = _solve(stats, cfg, [ranks], [cfg.variance_weight], list(stats.modules), progress)
+    sweep, report = _solve(stats, cfg, [ranks], [cfg.variance_weight], device, progress)
     return sweep[(cfg.variance_weight, 0)], report
 
 
@@ -166,6 +169,7 @@ def solve_sweep(
     *,
     variance_weights: Optional[Sequence[float]] = None,
     ranks: Optional[Sequence[int]] = None,
+    device: Union[str, torch.device, None] = None,
     progress: bool = True,
     **overrides,
 ) -> Dict[Tuple[float, int], Dict[str, LoraFactors]]:
@@ -184,13 +188,40 @@ def solve_sweep(
     if not rank_list or any(not (isinstance(r, int) and r >= 1) for r in rank_list):
         raise ValueError(f"ranks must be positive integers, got {rank_list!r}")
     rank_sets = [{name: r for name in stats.modules} for r in rank_list]
-    sweep, _ = _solve(stats, cfg, rank_sets, betas, list(stats.modules), progress)
+    sweep, _ = _solve(stats, cfg, rank_sets, betas, device, progress)
     return {(beta, rank): sweep[(beta, i)] for beta in betas for i, rank in enumerate(rank_list)}
 
 
+class _OnDevice:
+    """Statistics whose accessors hand out tensors moved to ``device`` (the sums stay put)."""
+
+    def __init__(self, stats: Statistics, device: torch.device):
+        self._stats, self._device = stats, device
+
+    def __getattr__(self, name):
+        return getattr(self._stats, name)
+
+    def gradient(self, name: str) -> torch.Tensor:
+        return self._stats.gradient(name).to(self._device)
+
+    def input_factor(self, key: str) -> torch.Tensor:
+        return self._stats.input_factor(key).to(self._device)
+
+    def output_factor(self, name: str) -> torch.Tensor:
+        return self._stats.output_factor(name).to(self._device)
+
+    def sequence_factor(self, name: str) -> torch.Tensor:
+        return self._stats.sequence_factor(name).to(self._device)
+
+
 def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]], betas: List[float],
-           names: List[str], progress: bool):
-    """Factors of the modules ``names`` for every (beta, rank set index), and the report."""
+           device: Union[str, torch.device, None], progress: bool):
+    """Factors of every module for every (beta, rank set index) on ``device``, and the report."""
+    names = list(stats.modules)
+    home = next(iter(stats.inputs.values())).z_sum.device
+    device = home if device is None else torch.device(device)
+    if device != home:
+        stats = _OnDevice(stats, device)
     for rank_set in rank_sets:
         check_ranks({name: tuple(stats.modules[name].g_sum.shape) for name in names}, rank_set)
     population = cfg.population_size or stats.population_size
@@ -240,7 +271,6 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
                                                      (lora_b[:, :r] * scale).to(out_dtype).contiguous())
             if place is not None:
                 shapes = {name: (*stats.modules[name].g_sum.shape, rank_set[name]) for name in names}
-                device = next(iter(stats.inputs.values())).z_sum.device
                 sweep[(beta, i)] = distributed.broadcast_factors(sweep[(beta, i)], owners, shapes, out_dtype, device,
                                                                  LoraFactors)
     return sweep, report

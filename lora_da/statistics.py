@@ -43,6 +43,7 @@ class Statistics:
     token_mask: str
     output_fisher: str
     config: Dict[str, object] = field(default_factory=dict)  # the collection's LoraDAConfig fields
+    passes: int = 1  # passes over the calibration data that collected these (memory budget)
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +81,26 @@ class Statistics:
         for s in self.modules.values():
             tensors += [s.g_sum, s.y_sum] + ([s.sequence_sums] if s.sequence_sums is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: Union[str, torch.device]) -> "Statistics":
+        """A copy with every tensor on ``device`` (the same object's tensors when already there)."""
+        return Statistics(
+            {name: ModuleStatistics(e.input_key, e.g_sum.to(device), e.y_sum.to(device),
+                                    None if e.sequence_sums is None else e.sequence_sums.to(device))
+             for name, e in self.modules.items()},
+            {key: InputStatistics(e.modules, e.z_sum.to(device), e.num_tokens) for key, e in self.inputs.items()},
+            self.num_sequences, self.population_size, self.token_mask, self.output_fisher, dict(self.config), self.passes)
+
+    @staticmethod
+    def combine(parts) -> "Statistics":
+        """One Statistics from passes over the same data that each collected other modules."""
+        first = parts[0]
+        if any(p.num_sequences != first.num_sequences for p in parts):
+            raise ValueError("statistics of different passes saw different numbers of sequences")
+        modules = {name: entry for part in parts for name, entry in part.modules.items()}
+        inputs = {key: entry for part in parts for key, entry in part.inputs.items()}
+        return Statistics(modules, inputs, first.num_sequences, first.population_size, first.token_mask,
+                          first.output_fisher, dict(first.config), len(parts))
 
     def non_finite(self) -> list:
         """Modules whose G, y or input Z hold NaN or Inf."""
