@@ -1,5 +1,5 @@
-"""pytest-benchmark microbenchmarks of the statistics op (every backend that runs here, timed on
-its device) and of the two pipeline stages on CPU.
+"""pytest-benchmark microbenchmarks of the statistics op and the solver's inner products (every
+backend that runs here, timed on its device) and of the two pipeline stages on CPU.
 
 Run: .venv/bin/python -m pytest benchmarks --benchmark-enable --benchmark-columns=median,iqr,min,max
 (in the test suite they run once each, as smoke tests, with benchmarking disabled).
@@ -56,8 +56,31 @@ def test_collect_statistics_tiny_llama(benchmark):
     assert stats.num_sequences == 32
 
 
-def test_solve_exact_tiny_llama(benchmark):
+@pytest.mark.parametrize("solver", ["exact", "randomized"])
+def test_solve_tiny_llama(benchmark, solver):
     model, batches = _tiny_model_and_batches()
     stats = lora_da.collect_statistics(model, batches, progress=False)
-    factors = benchmark(lora_da.solve, stats, rank=8, progress=False)
+    factors = benchmark(lora_da.solve, stats, rank=8, solver=solver, progress=False)
     assert len(factors) == 28
+
+
+INNER_CASES = [("torch", "cpu", torch.float64)]
+if torch.cuda.is_available():
+    INNER_CASES += [(b, "cuda", dtype) for b in ("torch", "triton") for dtype in (torch.float32, torch.float64)
+                    if dispatch.find("inner_products", b).check(torch.device("cuda"), dtype) is None]
+
+
+@pytest.mark.parametrize("backend,device,dtype", INNER_CASES, ids=lambda c: str(c).replace("torch.", ""))
+@pytest.mark.parametrize("shape", [(32, 1024, 48), (32, 4096, 216)], ids=lambda s: "x".join(map(str, s)))
+def test_inner_products(benchmark, backend, device, dtype, shape):
+    """The eigensolver's Gram matrices: A^T B for 32 stacked modules, k = 3 (r + 8) at r = 8 and 64."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+    fn = dispatch.resolve("inner_products", backend, torch.device(device), dtype).fn
+
+    def step():
+        fn(a, a)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark(step)

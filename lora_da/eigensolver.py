@@ -8,16 +8,18 @@ For each module b the solver finds the r eigenvectors with the smallest eigenval
 only ever applied to blocks: Omega' X = Zd^-1 (alpha G^T (d * Delta X) + c' X), two solves with
 the Cholesky factor L of Zd (as products with the triangular inverse L^-1, computed once per
 distinct input: matmuls run far faster than triangular solves on CPUs and GPUs alike) and two
-skinny matmuls with G. Modules of one shape are stacked
-into 3-D tensors [b, ...] and iterate together; each stops on its own residual, checked every
-few iterations (one host synchronisation per check), and converged modules leave the batch.
+skinny matmuls with G. Modules of one shape are stacked into 3-D tensors [b, ...] and iterate
+together; each stops on its own residual, checked every few iterations (one host synchronisation
+per check), and converged modules leave the batch.
 
 The search space of each iteration is [X, R, P] (Ritz vectors, residuals, previous direction),
 plus Zd R (residuals preconditioned by Zd) when the variance term reaches the scale of the bias
 term (c' max diag(Zd^-1) >= 0.1 alpha sigma^2): R alone converges fast when c' Zd^-1 is a small
 perturbation, Zd R when it dominates the spectrum. Bases are orthonormalised by SVQB on an fp64 Gram
 matrix (rank-deficient directions are dropped by giving them an infinite Rayleigh quotient), and
-the projected problems are solved in fp64.
+the projected problems are solved in fp64. With a ``working`` operator in fp32 (mixed precision),
+Omega' is applied in fp32 to the new search directions only; everything carried from one
+iteration to the next stays in fp64 (see ``smallest_eigenvectors``).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 
 from . import dispatch
 
-STAGNATION_ITERATIONS = 10  # mixed precision: full precision once a refreshed module stalls this long
+STAGNATION_CHECKS = 10  # mixed precision: full precision once a refreshed module stalls for this many checks
 SINGLE_THREAD_EIGH_MAX_N = 1024  # measured: CPU eigh up to this size runs faster on one thread
 
 
@@ -216,14 +218,15 @@ def smallest_eigenvectors(
 ):
     """V [b, n, r]: the r smallest eigenvectors of every Omega'_b (ascending), and SolveInfo.
 
-    ``precondition`` adds Zd R to the search space (None: when ``variance_dominates`` at the bias
-    scale the warm start shows, -theta_min >= alpha sigma^2 - c' ||Zd^-1||); convergence is checked every ``check_every``
+    ``precondition`` adds Zd R to the search space (None: decided by ``variance_dominates`` at the
+    bias scale the warm start shows, -theta_min); convergence is checked every ``check_every``
     iterations (default 1 on CPU, 4 on accelerators, where each check synchronises the host).
     ``working``: op in a lower precision (``op.to(torch.float32)``) that applies Omega' to the new
-    search directions, while the Ritz vectors, A X and the projected problems stay in
-    op's. A X is recomputed in full precision once a module's residual reaches the working
-    precision's floor and again to confirm convergence, so the tolerance is met in op's precision:
-    the corrections applied in low precision shrink with the residual, and so do their errors.
+    search directions, while the Ritz vectors, A X and the projected problems stay in op's. A X is
+    recomputed in full precision once a module's residual reaches the working precision's floor
+    and again to confirm convergence, so the tolerance is met in op's precision: the corrections
+    applied in low precision shrink with the residual, and so do their errors. A module that
+    stalls after its refresh switches the batch to full precision.
     """
     if check_every is None:
         check_every = 1 if op.gradient.device.type == "cpu" else 4
@@ -235,7 +238,7 @@ def smallest_eigenvectors(
     # below this carried residual, low-precision drift of A X may dominate: refresh A X once
     floor = max(tolerance, 1e3 * torch.finfo(working.gradient.dtype).eps) if mixed else tolerance
     refreshed = torch.full((batch,), not mixed)
-    since_refresh = torch.zeros(batch, dtype=torch.long)  # iterations since A X was refreshed
+    since_refresh = torch.zeros(batch, dtype=torch.long)  # convergence checks since A X was refreshed
 
     def fast(method, x):
         """working.method(x) [b, n, c] on unit columns (Omega' X alone may overflow fp32), rescaled."""
@@ -291,7 +294,7 @@ def smallest_eigenvectors(
                 working = working.select(keep) if mixed else op
                 p = None if p is None else p[keep]
             r[finished.to(device)] = 0.0
-            if mixed and bool((since_refresh[~finished] > STAGNATION_ITERATIONS).any()):
+            if mixed and bool((since_refresh[~finished] > STAGNATION_CHECKS).any()):
                 # the working precision's errors stall a nearly degenerate module (rotations inside
                 # a cluster keep the corrections large): go on in full precision, from a fresh A X
                 mixed, working = False, op

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +18,7 @@ from .statistics import Statistics
 
 MAX_DAMPING_RETRIES = 8  # each retry multiplies the input damping by 10
 AUTO_RANDOMIZED_MIN_N = 512  # solver="auto" takes the randomized solver from this in_features on
+SOLVE_BATCH_BYTES = 2**31  # the randomized solver stacks at most this much of G and the input factors at once
 
 
 @dataclass
@@ -107,17 +109,23 @@ def natural_gradient(stats: Statistics, name: str, chol: torch.Tensor, cfg: Lora
     return NaturalGradient(delta / sigma, sigma, d, chol)
 
 
-def input_choleskys(stats: Statistics, damping: float, keys: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
-    """Input key -> lower Cholesky factor of Zd = Z + damping*I (fp64), once per distinct input
-    (of ``keys``, default all)."""
+def check_counted_tokens(stats: Statistics) -> None:
+    """ValueError naming the modules whose input saw no counted token (empty statistics)."""
     silent = [key for key, entry in stats.inputs.items() if entry.num_tokens == 0]
     if silent:
         names = [m for key in silent for m in stats.inputs[key].modules]
         raise ValueError(f"no counted token reached modules {names}: their statistics are empty")
-    factors = {}
-    for key in stats.inputs if keys is None else keys:
-        factors[key], _ = damped_cholesky(stats.input_factor(key).double(), damping, "/".join(stats.inputs[key].modules))
-    return factors
+
+
+def input_cholesky(stats: Statistics, key: str, damping: float) -> torch.Tensor:
+    """Lower Cholesky factor of Zd = Z + damping*I (fp64) of one distinct input."""
+    return damped_cholesky(stats.input_factor(key).double(), damping, "/".join(stats.inputs[key].modules))[0]
+
+
+def input_choleskys(stats: Statistics, damping: float) -> Dict[str, torch.Tensor]:
+    """Input key -> lower Cholesky factor of Zd = Z + damping*I (fp64), once per distinct input."""
+    check_counted_tokens(stats)
+    return {key: input_cholesky(stats, key, damping) for key in stats.inputs}
 
 
 def resolve_solver(solver: str, in_features: int) -> str:
@@ -235,29 +243,35 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
         owners = distributed.module_owners(list(groups.values()), place[1])
         groups = {key: [n for n in group if owners[n] == place[0]] for key, group in groups.items()}
         groups = {key: group for key, group in groups.items() if group}
-    cholesky = input_choleskys(stats, cfg.damping, dict.fromkeys(stats.modules[n].input_key
-                                                                 for group in groups.values() for n in group))
-    batched = _BatchedSolver(stats, cfg, cholesky, population)
+    check_counted_tokens(stats)
+    chunks = [(shape, chunk) for shape, group in groups.items() for chunk in _chunks(stats, group, shape)]
+    readers = Counter(stats.modules[n].input_key for _, chunk in chunks for n in chunk)
+    batched = _BatchedSolver(stats, cfg, population)
     subspaces: Dict[Tuple[float, str], Tuple[torch.Tensor, torch.Tensor]] = {}  # V [n, R], Delta V / sigma [m, R]
     report: Dict[str, dict] = {}
-    for (m, n, rank), group in tqdm(groups.items(), desc="lora_da solve", unit="shape", disable=not progress):
+    for (m, n, rank), chunk in tqdm(chunks, desc="lora_da solve", unit="batch",
+                                    disable=not progress or not distributed.is_main_process()):
+        readers.subtract(stats.modules[name].input_key for name in chunk)
+        # factors of inputs that no later chunk reads are dropped as soon as they are used: they add up to GBs
+        last_readers = {stats.modules[name].input_key for name in chunk} - {k for k, c in readers.items() if c > 0}
         solver = resolve_solver(cfg.solver, n)
-        info: Dict[str, object] = {"solver": solver, "modules": len(group)}
+        info = report.setdefault(f"{m}x{n}, r={rank}", {"solver": solver, "modules": 0})
+        info["modules"] += len(chunk)
         if solver == "exact":
-            for name in group:
-                ng = natural_gradient(stats, name, cholesky[stats.modules[name].input_key], cfg)
+            for name in chunk:
+                ng = natural_gradient(stats, name, batched.cholesky(stats.modules[name].input_key), cfg)
                 for beta in betas:
                     c = ng.variance_coefficient(cfg.replace(variance_weight=beta), population)
                     v = fix_signs(exact_subspace(ng.delta_hat, ng.chol, c, cfg.bias_weight, rank))
                     subspaces[(beta, name)] = v, ng.delta_hat @ v
         else:
-            for beta in betas:
-                v, lora_b, convergence = batched.solve(group, rank, beta)
-                for i, name in enumerate(group):
+            for beta, (v, lora_b, convergence) in zip(betas, batched.solve(chunk, rank, betas, last_readers)):
+                for i, name in enumerate(chunk):
                     subspaces[(beta, name)] = v[i], lora_b[i]
-                iterations = max(int(convergence.iterations.max()), info.get("iterations", 0))
-                info.update(iterations=iterations, residual=max(float(convergence.residuals.max()), info.get("residual", 0.0)))
-        report[f"{m}x{n}, r={rank}"] = info
+                info.update(iterations=max(int(convergence.iterations.max()), info.get("iterations", 0)),
+                            residual=max(float(convergence.residuals.max()), info.get("residual", 0.0)))
+        for key in last_readers:
+            batched.release(key)
     sweep = {}
     for beta in betas:
         for i, rank_set in enumerate(rank_sets):
@@ -276,64 +290,103 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
     return sweep, report
 
 
+def _chunks(stats, names: List[str], shape: Tuple[int, int, int]) -> Iterator[List[str]]:
+    """Consecutive runs of ``names`` (one shape, in model order, so q/k/v stay together) whose
+    randomized-solver tensors fit SOLVE_BATCH_BYTES: G in fp64 and fp32, and per distinct input
+    L and L^-1 in fp64 and fp32. At least one module per run."""
+    m, n, _ = shape
+    chunk, keys = [], set()
+    for name in names:
+        key = stats.modules[name].input_key
+        need = 12 * m * n * (len(chunk) + 1) + 24 * n * n * len(keys | {key})
+        if chunk and need > SOLVE_BATCH_BYTES:
+            yield chunk
+            chunk, keys = [], set()
+        chunk.append(name)
+        keys.add(key)
+    if chunk:
+        yield chunk
+
+
 class _BatchedSolver:
     """The randomized path: stacks modules of one shape and solves them together."""
 
-    def __init__(self, stats: Statistics, cfg: LoraDAConfig, cholesky: Dict[str, torch.Tensor], population: int):
-        self.stats, self.cfg, self.cholesky, self.population = stats, cfg, cholesky, population
-        self.inverses: Dict[str, torch.Tensor] = {}  # input key -> L^-1, once per distinct input
-        self.operators: Dict[Tuple[str, ...], tuple] = {}  # module names -> (op, fp32 working op or None)
-        self.sigmas: Dict[Tuple[str, ...], torch.Tensor] = {}  # module names -> sigma [b] (any variance weight)
+    def __init__(self, stats: Statistics, cfg: LoraDAConfig, population: int):
+        self.stats, self.cfg, self.population = stats, cfg, population
+        self.factors: Dict[str, torch.Tensor] = {}  # input key -> L, once per distinct input, while needed
+        self.inverses: Dict[str, torch.Tensor] = {}  # input key -> L^-1
         self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def cholesky(self, key: str) -> torch.Tensor:
+        if key not in self.factors:
+            self.factors[key] = input_cholesky(self.stats, key, self.cfg.damping)
+        return self.factors[key]
 
     def inverse(self, key: str) -> torch.Tensor:
         if key not in self.inverses:
-            chol = self.cholesky[key]
+            chol = self.cholesky(key)
             eye = torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device)
             self.inverses[key] = torch.linalg.solve_triangular(chol, eye, upper=False)
         return self.inverses[key]
 
-    def operator(self, names) -> Tuple[BlockOperator, Optional[BlockOperator]]:
-        """Omega' of the modules ``names`` (one shape) with c' = 0, and its fp32 working copy."""
-        key = tuple(names)
-        if key not in self.operators:
-            stats, cfg = self.stats, self.cfg
-            d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping) for name in names])
-            keys = [stats.modules[name].input_key for name in names]
-            distinct = list(dict.fromkeys(keys))
-            op = BlockOperator(
-                gradient=torch.stack([stats.gradient(name).double() for name in names]),
-                d=d,
-                chol=torch.stack([self.cholesky[key] for key in distinct]),
-                chol_inv=torch.stack([self.inverse(key) for key in distinct]),
-                owner=torch.tensor([distinct.index(key) for key in keys]),
-                variance=torch.zeros(len(names), dtype=d.dtype, device=d.device),
-                bias_weight=cfg.bias_weight,
-            )
-            zero = (torch.linalg.vector_norm(op.gradient, dim=(1, 2)) == 0).tolist()
-            if any(zero):
-                silent = [name for name, z in zip(names, zero) if z]
-                raise ValueError(f"modules {silent}: the gradient is zero, LoRA-DA has no direction to follow")
-            self.operators[key] = op, op.to(torch.float32) if cfg.solver_mixed_precision else None
-        return self.operators[key]
+    def release(self, key: str) -> None:
+        """Forget the factors of an input no module still to be solved reads."""
+        self.inverses.pop(key, None)
+        self.factors.pop(key, None)
 
-    def solve(self, names, rank: int, variance_weight: float):
-        """(V [b, n, r], Delta V / sigma [b, m, r], SolveInfo) for the modules ``names`` (one shape)."""
-        op, working = self.operator(names)
-        cfg = self.cfg
-        op.variance = variance_weight * op.d.sum(dim=1) / self.population
-        if working is not None:
-            working.variance = op.variance.to(working.variance.dtype)
-        v, convergence = smallest_eigenvectors(
-            op, rank, oversampling=cfg.solver_oversampling, tolerance=cfg.solver_tolerance,
-            max_iterations=cfg.solver_max_iterations, generator=self.generator, working=working,
+    def operator(self, names, release: Iterable[str] = ()) -> BlockOperator:
+        """Omega' of the modules ``names`` (one shape) with c' = 0; the factors of the inputs in
+        ``release`` are forgotten once stacked. Stacks are filled one module at a time."""
+        stats, cfg = self.stats, self.cfg
+        keys = [stats.modules[name].input_key for name in names]
+        distinct = list(dict.fromkeys(keys))
+        d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping) for name in names])
+        op = BlockOperator(
+            gradient=_stacked([lambda name=name: stats.gradient(name).double() for name in names]),
+            d=d,
+            chol=_stacked([lambda key=key: self.cholesky(key) for key in distinct]),
+            chol_inv=_stacked([lambda key=key: self.inverse(key) for key in distinct]),
+            owner=torch.tensor([distinct.index(key) for key in keys]),
+            variance=torch.zeros(len(names), dtype=d.dtype, device=d.device),
+            bias_weight=cfg.bias_weight,
         )
-        if tuple(names) not in self.sigmas:
-            if cfg.normalize_delta:
-                self.sigmas[tuple(names)] = top_singular_values(op, block=8, tolerance=1e-10,
-                                                                max_iterations=cfg.solver_max_iterations, start=v)
-            else:
-                self.sigmas[tuple(names)] = torch.ones(len(names), dtype=op.gradient.dtype, device=op.gradient.device)
-        sigma = self.sigmas[tuple(names)]
-        v = fix_signs(v)
-        return v, op.delta(v) / sigma[:, None, None], convergence
+        for key in release:
+            self.release(key)
+        zero = (torch.linalg.vector_norm(op.gradient, dim=(1, 2)) == 0).tolist()
+        if any(zero):
+            silent = [name for name, z in zip(names, zero) if z]
+            raise ValueError(f"modules {silent}: the gradient is zero, LoRA-DA has no direction to follow")
+        return op
+
+    def solve(self, names, rank: int, variance_weights: Sequence[float], release: Iterable[str] = ()) -> list:
+        """Per variance weight: (V [b, n, r], Delta V / sigma [b, m, r], SolveInfo) for the modules
+        ``names`` (one shape); the operator and sigma are shared by the variance weights."""
+        op, cfg = self.operator(names, release), self.cfg
+        working = op.to(torch.float32) if cfg.solver_mixed_precision else None
+        sigma = None
+        results = []
+        for beta in variance_weights:
+            op.variance = beta * op.d.sum(dim=1) / self.population
+            if working is not None:
+                working.variance = op.variance.to(working.variance.dtype)
+            v, convergence = smallest_eigenvectors(
+                op, rank, oversampling=cfg.solver_oversampling, tolerance=cfg.solver_tolerance,
+                max_iterations=cfg.solver_max_iterations, generator=self.generator, working=working,
+            )
+            if sigma is None:
+                sigma = (top_singular_values(op, block=8, tolerance=1e-10, max_iterations=cfg.solver_max_iterations,
+                                             start=v) if cfg.normalize_delta
+                         else torch.ones(len(names), dtype=op.gradient.dtype, device=op.gradient.device))
+            v = fix_signs(v)
+            results.append((v, op.delta(v) / sigma[:, None, None], convergence))
+        return results
+
+
+def _stacked(makers) -> torch.Tensor:
+    """torch.stack of the tensors the callables make, one at a time (no list of temporaries)."""
+    first = makers[0]()
+    out = first.new_empty((len(makers), *first.shape))
+    out[0] = first
+    for i, make in enumerate(makers[1:], start=1):
+        out[i] = make()
+    return out

@@ -183,3 +183,18 @@ def test_modules_sharing_an_input_equal_private_copies():
         torch.testing.assert_close(getattr(shared, method)(x), getattr(private, method)(x), rtol=1e-12, atol=0)
     keep = torch.tensor([1, 3])
     torch.testing.assert_close(shared.select(keep).omega(x[keep]), private.omega(x)[keep], rtol=1e-12, atol=0)
+
+
+def test_batches_bounded_in_memory_give_the_same_factors(monkeypatch):
+    import sys
+
+    stats = lora_da.collect_statistics(tiny_llama(seed=6), random_batches([4, 4, 4, 4], seed=7), progress=False)
+    cfg = lora_da.LoraDAConfig(rank=4, damping=1e-4, population_size=50, solver="randomized")
+    whole, whole_report = solve_with_report(stats, cfg, progress=False)
+    monkeypatch.setattr(sys.modules["lora_da.solve"], "SOLVE_BATCH_BYTES", 1)  # one module per batch
+    alone, alone_report = solve_with_report(stats, cfg, progress=False)
+    assert {k: v["modules"] for k, v in alone_report.items()} == {k: v["modules"] for k, v in whole_report.items()}
+    for name in whole:
+        want = whole[name].lora_B @ whole[name].lora_A
+        got = alone[name].lora_B @ alone[name].lora_A
+        assert float((got - want).norm() / want.norm()) <= 1e-5, name

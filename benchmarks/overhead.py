@@ -1,0 +1,186 @@
+"""What LoRA-DA costs on the main job's model, measured side by side:
+
+    python benchmarks/overhead.py                    # 64 calibration reviews, 3 repeats
+    python benchmarks/overhead.py --reviews 128 --repeats 5
+
+SmolLM2-135M-Instruct with a PEFT LoRA adapter (r = 8, every linear layer but the head). Three
+variants, each run in a fresh process (so that its peak resident memory is its own), each timed
+``--repeats`` times after one discarded warm-up, medians reported:
+
+* ``train``: one plain LoRA training forward + backward per calibration batch (no optimizer step),
+  the unit of the overhead ratio;
+* ``lora_da``: ``lora_da.initialize`` over the same batches (collect, solve, apply);
+* ``multi_pass``: a straightforward implementation of the same algorithm with the cost profile of
+  the authors' script: one pass with weight ``.grad`` for G, then one pass per group of 8 layers
+  with hooks for Z and y, explicit inverses, dense Omega per module and ``torch.lobpcg`` with
+  10 iterations per module.
+
+Prints the ratios time(lora_da) / time(train) and time(multi_pass) / time(lora_da), the phases
+and each variant's peak resident memory above the loaded model (Linux VmHWM); writes
+overhead.json under $OUT (default ./outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from process_memory import reset_peak, resident_bytes  # noqa: E402
+
+VARIANTS = ("train", "lora_da", "multi_pass")
+LAYERS_PER_PASS = 8
+
+
+def setup(reviews: int):
+    """(PEFT model, calibration batches) of the main job."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    sys.path.insert(0, str(ROOT))
+    from lora_da.embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, split
+
+    torch.manual_seed(0)
+    base, tokenizer = load_smollm2()
+    verbalizer = Verbalizer(tokenizer)
+    (calibration,) = split(load_rotten_tomatoes(), [reviews])
+    batches = [verbalizer.model_inputs(b) for b in verbalizer.batches(calibration, 8)]
+    lora = LoraConfig(r=8, lora_alpha=16, use_rslora=True, lora_dropout=0.0, target_modules="all-linear")
+    return get_peft_model(base, lora), batches
+
+
+def train_pass(model, batches) -> dict:
+    """Forward and backward of every batch with the LoRA parameters trainable."""
+    model.train()
+    start = time.perf_counter()
+    for batch in batches:
+        (model(**batch).loss * batch["input_ids"].shape[0]).backward()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return {"total": seconds}
+
+
+def lora_da_pass(model, batches) -> dict:
+    import lora_da
+
+    report = lora_da.initialize(model, batches, population_size=480, progress=False)
+    return dict(report.seconds, total=sum(report.seconds.values()))
+
+
+def multi_pass(model, batches) -> dict:
+    """The same algorithm computed the straightforward way (see the module docstring)."""
+    import torch
+
+    from lora_da.targets import lora_layers
+
+    layers = {name: layer.get_base_layer() for name, layer in lora_layers(model).items()}
+    seconds = {}
+    start = time.perf_counter()
+    with model.disable_adapter():
+        # pass 1: G from the weights' .grad (sum over sequences of each sequence's mean loss)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in layers.values():
+            module.weight.requires_grad_(True)
+        for batch in batches:
+            (model(**batch).loss * batch["input_ids"].shape[0]).backward()
+        sequences = sum(b["input_ids"].shape[0] for b in batches)
+        gradient = {name: module.weight.grad / sequences for name, module in layers.items()}
+        for module in layers.values():
+            module.weight.grad = None
+            module.weight.requires_grad_(False)
+        seconds["gradient pass"] = time.perf_counter() - start
+        # passes 2..: Z (inputs) and y (output gradients) for 8 layers at a time
+        start = time.perf_counter()
+        z, y, tokens = {}, {}, {}
+        groups = sorted({int(name.split(".layers.")[1].split(".")[0]) for name in layers})
+        for first in range(0, len(groups), LAYERS_PER_PASS):
+            chosen = {n: m for n, m in layers.items()
+                      if int(n.split(".layers.")[1].split(".")[0]) in groups[first: first + LAYERS_PER_PASS]}
+            handles = []
+            mask = {}
+
+            def forward_hook(name):
+                def hook(module, args, output):
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]) * mask["m"][:, None]
+                    z[name] = z.get(name, 0) + x.T @ x
+                    tokens[name] = tokens.get(name, 0) + mask["m"].sum()
+                    output.requires_grad_(True)
+                    output.register_hook(lambda g: y.__setitem__(
+                        name, y.get(name, 0) + (g.reshape(-1, g.shape[-1]) ** 2 * mask["m"][:, None]).sum(0)))
+                return hook
+
+            for name, module in chosen.items():
+                handles.append(module.register_forward_hook(forward_hook(name)))
+            for batch in batches:
+                mask["m"] = batch["attention_mask"].reshape(-1).float()
+                (model(**batch).loss * batch["input_ids"].shape[0]).backward()
+            for handle in handles:
+                handle.remove()
+        seconds["fisher passes"] = time.perf_counter() - start
+    # solve: explicit inverses, dense Omega, 10 LOBPCG iterations per module
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    for name in layers:
+        zd = (z[name] / tokens[name]).double() + 1e-6 * torch.eye(z[name].shape[0], dtype=torch.float64)
+        zd_inv = torch.linalg.inv(zd)
+        d = 1.0 / ((y[name] / tokens[name]).double() + 1e-6)
+        delta = -(d[:, None] * gradient[name].double()) @ zd_inv
+        sigma = torch.linalg.matrix_norm(delta, ord=2)
+        delta = delta / sigma
+        omega = -delta.T @ delta + 0.03 * float(d.sum()) / (480 * float(sigma) ** 2) * zd_inv
+        start_block = torch.randn(omega.shape[0], 8, generator=generator, dtype=torch.float64)
+        torch.lobpcg(omega, k=8, X=start_block, niter=10, largest=False)
+    seconds["solve"] = time.perf_counter() - start
+    return dict(seconds, total=sum(seconds.values()))
+
+
+def worker(variant: str, reviews: int, repeats: int) -> dict:
+    model, batches = setup(reviews)
+    run = {"train": train_pass, "lora_da": lora_da_pass, "multi_pass": multi_pass}[variant]
+    before = resident_bytes()
+    reset_peak()  # loading the model peaks higher than any variant
+    runs = [run(model, batches) for _ in range(repeats + 1)][1:]  # the first is a warm-up
+    phases = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    return {"variant": variant, "median_seconds": phases, "runs": runs, "rss_before_bytes": before,
+            "peak_rss_bytes": resident_bytes("VmHWM")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reviews", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.reviews, args.repeats)), flush=True)
+        return
+    records = {}
+    for variant in args.variants:
+        done = subprocess.run([sys.executable, __file__, "--worker", variant, "--reviews", str(args.reviews),
+                               "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
+        records[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        medians = records[variant]["median_seconds"]
+        extra = (records[variant]["peak_rss_bytes"] - records[variant]["rss_before_bytes"]) / 2**30
+        print(f"{variant:<11} median {medians['total']:8.2f} s  peak RSS +{extra:5.2f} GiB over the loaded model  "
+              + "  ".join(f"{k} {v:.2f}" for k, v in medians.items() if k != "total"), flush=True)
+    total = {v: records[v]["median_seconds"]["total"] for v in records}
+    if {"train", "lora_da"} <= total.keys():
+        print(f"overhead ratio lora_da / train: {total['lora_da'] / total['train']:.2f}")
+    if {"multi_pass", "lora_da"} <= total.keys():
+        print(f"speedup over the multi-pass baseline: {total['multi_pass'] / total['lora_da']:.2f}x")
+    out = Path(os.environ.get("OUT", ROOT / "outputs"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(json.dumps({"args": vars(args), "records": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The ``lora-da`` command on the golden tiny model with a JSONL written here."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import lora_da
+from conftest import golden_dir
+from lora_da import cli
+
+WORDS = ("the film was good bad long short funny dull great awful plot actor music scene ending story "
+         "review says it is a not very quite really").split()
+LORA_DA = Path(sys.executable).with_name("lora-da")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The golden model's files beside a word-level tokenizer of its vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("model")
+    for item in (golden_dir() / "model").iterdir():
+        (folder / item.name).symlink_to(item)
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path_factory.mktemp("data") / "calibration.jsonl"
+    with path.open("w") as f:
+        for _ in range(13):
+            words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(4, 12, (1,), generator=gen)),),
+                                                          generator=gen)]
+            f.write(json.dumps({"prompt": " ".join(words[:2]), "text": " ".join(words[2:]), "id": 7}) + "\n")
+    return path
+
+
+def test_init_writes_an_adapter_that_peft_loads_and_equals_the_library(model_dir, data_file, tmp_path):
+    out = tmp_path / "adapter"
+    args = ["init", "--model", str(model_dir), "--data", str(data_file), "--rank", "4", "--output", str(out),
+            "--prompt-field", "prompt", "--batch-size", "4", "--dtype", "float64", "--rslora", "--quiet"]
+    done = subprocess.run([str(LORA_DA), *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LoRA-DA initialisation" in done.stdout and "adapter written to" in done.stdout
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)).double(), str(out))
+    assert loaded.peft_config["default"].r == 4 and loaded.peft_config["default"].use_rslora
+
+    # the same initialisation through the library
+    parsed = cli.parser().parse_args(args)
+    model, tokenizer = cli.load_model(model_dir, model_dir, "float64", "cpu")
+    batches = cli.calibration_batches(cli.read_examples(data_file, "text", "prompt"), tokenizer, parsed)
+    assert all(int((b["labels"] != -100).sum()) > 0 for b in batches)
+    want = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear"))
+    lora_da.initialize(want, batches, population_size=13, progress=False)
+    wanted = {n: p for n, p in want.named_parameters() if "lora_" in n}
+    got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert wanted.keys() == got.keys() and len(got) == 28
+    for name, value in wanted.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-12)
+
+
+def bad(argv, capsys):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BAD_INPUT, err
+    assert err.startswith("lora-da: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_input_is_one_line_and_exit_status_2(model_dir, data_file, tmp_path, capsys):
+    base = ["init", "--model", str(model_dir), "--data", str(data_file), "--output", str(tmp_path / "a"), "--quiet"]
+    assert "no such file" in bad([*base[:3], "--data", str(tmp_path / "missing.jsonl"), *base[5:]], capsys)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "the film"}\n{"text": oops}\n')
+    assert "line 2: not JSON" in bad([*base[:3], "--data", str(broken), *base[5:]], capsys)
+    assert "line 1: no string field 'body' (fields: id, prompt, text)" in bad([*base, "--text-field", "body"], capsys)
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((model_dir / "config.json").read_text())
+    assert "no weights" in bad(["init", "--model", str(no_weights), *base[3:]], capsys)
+    assert "no such folder" in bad(["init", "--model", str(tmp_path / "nowhere"), *base[3:]], capsys)
+    assert "--rank must be at least 1" in bad([*base, "--rank", "0"], capsys)
+    assert not (tmp_path / "a").exists()
+
+
+def test_help_reads_well():
+    done = subprocess.run([str(LORA_DA), "init", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for option in ("--model DIR", "--data FILE.jsonl", "--rank", "--output ADAPTER_DIR", "--prompt-field",
+                   "--variance-weight", "--backend", "--rslora", "--samples"):
+        assert option in done.stdout, option
+    top = subprocess.run([str(LORA_DA), "--help"], capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0 and "init" in top.stdout and "demo" in top.stdout
+
+
+def test_demo_forwards_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--calibration" in capsys.readouterr().out
