@@ -1,0 +1,46 @@
+"""benchmarks/compare_inits.py: every initialiser it compares sets up a trainable adapter."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_batches, tiny_llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import compare_inits  # noqa: E402
+
+
+@pytest.mark.parametrize("init", compare_inits.INITS)
+def test_initialiser_gives_a_trainable_adapter(init):
+    batches = random_batches([4, 4], seed=3)
+    model = compare_inits.initialise(init, tiny_llama(seed=2, dtype=torch.float32), 2, batches, population=50)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    assert all(torch.isfinite(p).all() for p in lora.values())
+    nonzero_b = [n for n, p in lora.items() if "lora_B" in n and p.abs().sum() > 0]
+    if init in ("peft_default", "gaussian", "eva"):  # B starts at zero
+        assert not nonzero_b
+    else:
+        assert nonzero_b
+    loss = model(**batches[0]).loss
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+
+
+def test_lora_one_is_the_top_singular_subspace_of_the_gradient():
+    import lora_da
+
+    batches = random_batches([4, 4], seed=3)
+    model = compare_inits.initialise("lora_one", tiny_llama(seed=2, dtype=torch.float64), 2, batches, population=50)
+    stats = lora_da.collect_statistics(tiny_llama(seed=2, dtype=torch.float64), batches, progress=False,
+                                       target_modules=["q_proj"])
+    name = "model.layers.0.self_attn.q_proj"
+    layer = dict(model.base_model.model.named_modules())[name]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    u, s, vh = torch.linalg.svd(-stats.gradient(name), full_matrices=False)
+    want = (u[:, :2] * s[:2]) @ vh[:2] / (s[0] * 1024)  # B A = (-G / sigma) V V^T / gamma
+    torch.testing.assert_close(b @ a, want, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(a @ a.T * 1024, torch.eye(2, dtype=a.dtype), rtol=0, atol=1e-10)
+    assert math.isclose(float(torch.linalg.matrix_norm((b @ a).detach() * 1024, 2)), 1.0, rel_tol=1e-8)
