@@ -50,13 +50,15 @@ def data_file(tmp_path_factory):
 
 
 def test_init_writes_an_adapter_that_peft_loads_and_equals_the_library(model_dir, data_file, tmp_path):
-    out = tmp_path / "adapter"
+    out, saved = tmp_path / "adapter", tmp_path / "stats.safetensors"
     args = ["init", "--model", str(model_dir), "--data", str(data_file), "--rank", "4", "--output", str(out),
             "--prompt-field", "prompt", "--batch-size", "4", "--dtype", "float64", "--rslora", "--quiet"]
-    done = subprocess.run([str(LORA_DA), *args], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    done = subprocess.run([str(LORA_DA), *args, "--save-statistics", str(saved)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "LoRA-DA initialisation" in done.stdout and "adapter written to" in done.stdout
+    stats = lora_da.Statistics.load(saved)
+    assert len(stats.modules) == 14 and stats.num_sequences == 13
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)).double(), str(out))
     assert loaded.peft_config["default"].r == 4 and loaded.peft_config["default"].use_rslora
 
