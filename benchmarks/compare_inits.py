@@ -72,7 +72,9 @@ def initialise(name: str, base, rank: int, batches, population: int):
         init = {"peft_default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[name]
         return get_peft_model(base, lora_config(rank, init_lora_weights=init))
     if name == "eva":
-        model = get_peft_model(base, lora_config(rank, init_lora_weights="eva", eva_config=EvaConfig()),
+        # every attended token feeds EVA's SVD: with its default label mask a verbalizer batch has one
+        # token per sequence, fewer than EVA needs, and its loop over the data would never end
+        model = get_peft_model(base, lora_config(rank, init_lora_weights="eva", eva_config=EvaConfig(use_label_mask=False)),
                                low_cpu_mem_usage=True)
         initialize_lora_eva_weights(model, dataloader=inputs, show_progress_bar=False)
         return model
