@@ -9,14 +9,11 @@ initialised with more than one rank.
 """
 from __future__ import annotations
 
-import logging
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from .statistics import Statistics
-
-logger = logging.getLogger(__name__)
 
 
 def world() -> Optional[Tuple[int, int]]:
@@ -62,7 +59,7 @@ def reduce_statistics(stats: Statistics) -> None:
     """Sum every rank's sums and counts in place (per-sequence sums are gathered in rank order)."""
     dist = torch.distributed
     counts = torch.tensor([stats.num_sequences] + [e.num_tokens for e in stats.inputs.values()],
-                          dtype=torch.float64, device=_device(stats))
+                          dtype=torch.float64, device=stats.device)
     dist.all_reduce(counts)
     stats.num_sequences = int(counts[0].item())
     for entry, total in zip(stats.inputs.values(), counts[1:].tolist()):
@@ -122,7 +119,3 @@ def broadcast_factors(factors: Dict[str, object], owners: Dict[str, int], shapes
         torch.distributed.broadcast(b, src=owner)
         out[name] = factor_type(a, b)
     return out
-
-
-def _device(stats: Statistics) -> torch.device:
-    return next(iter(stats.inputs.values())).z_sum.device

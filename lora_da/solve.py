@@ -226,7 +226,7 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
            device: Union[str, torch.device, None], progress: bool):
     """Factors of every module for every (beta, rank set index) on ``device``, and the report."""
     names = list(stats.modules)
-    home = next(iter(stats.inputs.values())).z_sum.device
+    home = stats.device
     device = home if device is None else torch.device(device)
     if device != home:
         stats = _OnDevice(stats, device)

@@ -51,6 +51,11 @@ class Statistics:
         return max(entry.num_tokens for entry in self.inputs.values())
 
     @property
+    def device(self) -> torch.device:
+        """Where the sums live."""
+        return next(iter(self.inputs.values())).z_sum.device
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.modules.values())).g_sum.dtype
 
