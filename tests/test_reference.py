@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lora_da
-from conftest import random_batches, tiny_gpt2, tiny_llama
+from conftest import classification_batches, random_batches, tiny_bert_classifier, tiny_gpt2, tiny_llama
 from lora_da.targets import find_targets, linear_shape
 
 
@@ -51,12 +51,15 @@ def reference_statistics(model, batches, names, kind):
         for name in names:
             x, out = records[name]
             g = out.grad
+            rows = mask
+            if x.dim() == 2:  # one pooled vector per sequence: a sequence of one token, always counted
+                x, g, rows = x[:, None], g[:, None], torch.ones((size, 1), dtype=torch.bool)
             entry = sums[name]
             for b in range(size):
                 s = torch.zeros(g.shape[-1], dtype=torch.float64)
                 for t in range(x.shape[1]):
                     entry["G"] += torch.outer(g[b, t], x[b, t])
-                    if mask[b, t]:
+                    if rows[b, t]:
                         entry["Z"] += torch.outer(x[b, t], x[b, t])
                         entry["y"] += g[b, t] ** 2
                         entry["T"] += 1
@@ -125,6 +128,32 @@ def test_statistics_and_factors_match_slow_reference(arch, padding, kind, fisher
         assert stats.inputs[key].num_tokens == want["T"]
         torch.testing.assert_close(stats.gradient(name), want["G"], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(stats.input_factor(key), want["Z"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(stats.output_factor(name), want["y"], rtol=1e-10, atol=1e-14)
+        if fisher == "sequence_lowrank":
+            torch.testing.assert_close(stats.sequence_factor(name), want["P"], rtol=1e-10, atol=1e-14)
+    factors = lora_da.solve(stats, cfg, progress=False)
+    for name in names:
+        ba = factors[name].lora_B @ factors[name].lora_A
+        assert relative(ba, reference_ba(expected[name], cfg, 40)) < 1e-7, name
+
+
+@pytest.mark.parametrize("fisher", ["diagonal", "sequence_lowrank"])
+def test_classifier_with_pooled_inputs_matches_slow_reference(fisher):
+    """BERT's pooler and head read one vector per sequence: each counts as one token, unmasked."""
+    model = tiny_bert_classifier(seed=1)
+    batches = classification_batches([3, 4, 2], seed=2)
+    cfg = lora_da.LoraDAConfig(rank=2, variance_weight=0.5, damping=1e-4, gamma=16.0, population_size=40,
+                               output_fisher=fisher)
+    names = ["bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.output.dense",
+             "bert.pooler.dense", "classifier"]
+    stats = lora_da.collect_statistics(model, batches, cfg, progress=False, target_modules=names)
+    expected, num_sequences = reference_statistics(model, batches, names, "attention")
+    assert stats.num_sequences == num_sequences == 9
+    assert stats.inputs[stats.modules["bert.pooler.dense"].input_key].num_tokens == 9
+    for name in names:
+        want = expected[name]
+        torch.testing.assert_close(stats.gradient(name), want["G"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(stats.input_factor(stats.modules[name].input_key), want["Z"], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(stats.output_factor(name), want["y"], rtol=1e-10, atol=1e-14)
         if fisher == "sequence_lowrank":
             torch.testing.assert_close(stats.sequence_factor(name), want["P"], rtol=1e-10, atol=1e-14)
