@@ -52,39 +52,43 @@ def eigh(a: torch.Tensor):
 class BlockOperator:
     """Omega' of b stacked modules that read u distinct inputs.
 
-    G: [b, m, n], d: [b, m], variance: [b]; chol, chol_inv: [u, n, n], the lower-triangular L and
-    L^-1 of each distinct input's Zd; owner: [b] (host), the input of each module. Products with L
-    or L^-1 are taken once per input, on the columns of all its modules at once (q/k/v share one).
+    G: [b, m, n], d: [b, m], variance: [b]; zd, zd_inv: [u, n, n], each distinct input's damped
+    factor Zd and its inverse (dense, symmetric); owner: [b] (host), the input of each module.
+    Products with Zd or Zd^-1 are one matmul per input, on the columns of all its modules at once
+    (q/k/v share one).
     """
 
     gradient: torch.Tensor
     d: torch.Tensor
-    chol: torch.Tensor
-    chol_inv: torch.Tensor
+    zd: torch.Tensor
+    zd_inv: torch.Tensor
     owner: torch.Tensor
     variance: torch.Tensor  # c' = beta * sum(d) / N
     bias_weight: float
 
     def __post_init__(self):
         device = self.gradient.device
+        self.private = bool((self.owner == torch.arange(len(self.owner))).all()) and len(self.zd) == len(self.owner)
         self.members = [(int(j), (self.owner == j).nonzero().flatten().to(device)) for j in self.owner.unique()]
 
-    def _per_input(self, x: torch.Tensor, apply) -> torch.Tensor:
-        """apply(j, block [n, c*k]) on the columns of the c modules of each input j; x [b, n, k]."""
+    def _per_input(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """factors[owner_b] @ X_b [b, n, k] for X [b, n, k]: one matmul per input."""
+        if self.private:
+            return factors @ x
         out = torch.empty_like(x)
         _, n, k = x.shape
         for j, idx in self.members:
             block = x[idx].permute(1, 0, 2).reshape(n, -1)
-            out[idx] = apply(j, block).reshape(n, len(idx), k).permute(1, 0, 2)
+            out[idx] = (factors[j] @ block).reshape(n, len(idx), k).permute(1, 0, 2)
         return out
 
     def zd_solve(self, x: torch.Tensor) -> torch.Tensor:
-        """Zd^-1 X = L^-T (L^-1 X) [b, n, k]."""
-        return self._per_input(x, lambda j, block: self.chol_inv[j].T @ (self.chol_inv[j] @ block))
+        """Zd^-1 X [b, n, k]."""
+        return self._per_input(x, self.zd_inv)
 
-    def zd(self, x: torch.Tensor) -> torch.Tensor:
-        """Zd X = L (L^T X) [b, n, k]."""
-        return self._per_input(x, lambda j, block: self.chol[j] @ (self.chol[j].T @ block))
+    def zd_product(self, x: torch.Tensor) -> torch.Tensor:
+        """Zd X [b, n, k]."""
+        return self._per_input(x, self.zd)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Delta X [b, m, k] for X [b, n, k]."""
@@ -105,13 +109,13 @@ class BlockOperator:
 
     def variance_dominates(self, bias_scale: torch.Tensor) -> bool:
         """Whether c' Zd^-1 can reach a tenth of ``bias_scale`` [b] (an estimate of alpha sigma^2)
-        in some module (diag(Zd^-1) = the squared column norms of L^-1)."""
-        largest = torch.linalg.vector_norm(self.chol_inv, dim=1).amax(dim=1).square()[self.owner.to(self.chol_inv.device)]
+        in some module."""
+        largest = torch.diagonal(self.zd_inv, dim1=1, dim2=2).amax(dim=1)[self.owner.to(self.zd_inv.device)]
         return bool((self.variance * largest >= 0.1 * bias_scale).any())
 
     def to(self, dtype: torch.dtype) -> "BlockOperator":
         """The same operator with its tensors in ``dtype`` (the working copy of mixed precision)."""
-        return BlockOperator(self.gradient.to(dtype), self.d.to(dtype), self.chol.to(dtype), self.chol_inv.to(dtype),
+        return BlockOperator(self.gradient.to(dtype), self.d.to(dtype), self.zd.to(dtype), self.zd_inv.to(dtype),
                              self.owner, self.variance.to(dtype), self.bias_weight)
 
     def select(self, index: torch.Tensor) -> "BlockOperator":
@@ -123,7 +127,10 @@ class BlockOperator:
             take = slice(first, first + count)
         else:
             take = index.to(self.gradient.device)
-        return BlockOperator(self.gradient[take], self.d[take], self.chol, self.chol_inv,
+        if self.private:  # each module its own input: the factors go with the modules
+            return BlockOperator(self.gradient[take], self.d[take], self.zd[take], self.zd_inv[take],
+                                 torch.arange(count), self.variance[take], self.bias_weight)
+        return BlockOperator(self.gradient[take], self.d[take], self.zd, self.zd_inv,
                              self.owner[take], self.variance[take], self.bias_weight)
 
 
@@ -181,7 +188,7 @@ def rayleigh_ritz(s: torch.Tensor, apply: Callable[[torch.Tensor], torch.Tensor]
         h[:, kx:, :kx] = coupling.transpose(1, 2)
     h = 0.5 * (h + h.transpose(1, 2))
     # dropped directions get a Rayleigh quotient far above every real one, so none is picked
-    dropped = torch.cat([torch.zeros_like(kept[:, : basis.shape[2] - q.shape[2]]), ~kept], dim=1)
+    dropped = torch.cat([kept.new_zeros((kept.shape[0], basis.shape[2] - q.shape[2])), ~kept], dim=1)
     big = 10.0 * (h.abs().amax(dim=(1, 2), keepdim=True) + 1.0)
     h = h.masked_fill(dropped[:, :, None] | dropped[:, None, :], 0.0) + torch.diag_embed(dropped.to(h.dtype)) * big
     theta, coefficients = eigh(h)
@@ -189,6 +196,16 @@ def rayleigh_ritz(s: torch.Tensor, apply: Callable[[torch.Tensor], torch.Tensor]
     c = coefficients[:, :, :count].to(s.dtype)
     p = q @ c[:, basis.shape[2] - q.shape[2]:]
     return basis @ c, a_basis @ c, p, theta[:, :count], torch.where(real, theta.abs(), 0.0).amax(dim=1)
+
+
+def unconverged_columns(r: torch.Tensor) -> torch.Tensor:
+    """Gather index [b, n, c] of the columns of R [b, n, k] that are not zero (not yet converged),
+    first in each module, padded with zero columns to the batch's largest count c: the new search
+    directions shrink as columns converge (locking), and the padding is dropped by SVQB."""
+    live = r.norm(dim=1) > 0
+    count = max(int(live.sum(dim=1).max()), 1)
+    order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)[:, :count]
+    return order[:, None, :].expand(-1, r.shape[1], -1)
 
 
 @dataclass
@@ -251,7 +268,7 @@ def smallest_eigenvectors(
     x, ax, _, theta, norm = rayleigh_ritz(warm, lambda q: fast("omega", q), k)
     if precondition is None:
         precondition = op.variance_dominates((-theta[:, 0]).clamp_min(0.0))
-    p = None
+    p = columns = None
     active = torch.arange(batch, device=device)
     finished = torch.zeros(batch, dtype=torch.bool)  # per active module (host): its result is stored
     result = torch.empty(batch, n, rank, dtype=dtype, device=device)
@@ -293,6 +310,7 @@ def smallest_eigenvectors(
                 op = op.select(keep)
                 working = working.select(keep) if mixed else op
                 p = None if p is None else p[keep]
+                columns = None
             r[finished.to(device)] = 0.0
             if mixed and bool((since_refresh[~finished] > STAGNATION_CHECKS).any()):
                 # the working precision's errors stall a nearly degenerate module (rotations inside
@@ -301,9 +319,12 @@ def smallest_eigenvectors(
                 ax = op.omega(x)
                 theta = (x.transpose(1, 2) @ ax).diagonal(dim1=1, dim2=2)
                 r = (ax - x * theta[:, None, :]) * (~finished).to(device)[:, None, None]
-        blocks = [r, fast("zd", r)] if precondition else [r]
+        if step % check_every == 0 or columns is None:
+            columns = unconverged_columns(r)
+        r_active = r.gather(2, columns)
+        blocks = [r_active, fast("zd_product", r_active)] if precondition else [r_active]
         if p is not None:
-            blocks.append(p)
+            blocks.append(p.gather(2, columns))
         x, ax, p, _, new_norm = rayleigh_ritz(torch.cat(blocks, 2), lambda q: fast("omega", q), k, x, ax)
         norm = torch.maximum(norm, new_norm)
     return result, SolveInfo(iterations, residuals)

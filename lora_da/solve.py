@@ -259,7 +259,7 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
         info["modules"] += len(chunk)
         if solver == "exact":
             for name in chunk:
-                ng = natural_gradient(stats, name, batched.cholesky(stats.modules[name].input_key), cfg)
+                ng = natural_gradient(stats, name, batched.cholesky(stats.modules[name].input_key)[0], cfg)
                 for beta in betas:
                     c = ng.variance_coefficient(cfg.replace(variance_weight=beta), population)
                     v = fix_signs(exact_subspace(ng.delta_hat, ng.chol, c, cfg.bias_weight, rank))
@@ -293,7 +293,7 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
 def _chunks(stats, names: List[str], shape: Tuple[int, int, int]) -> Iterator[List[str]]:
     """Consecutive runs of ``names`` (one shape, in model order, so q/k/v stay together) whose
     randomized-solver tensors fit SOLVE_BATCH_BYTES: G in fp64 and fp32, and per distinct input
-    L and L^-1 in fp64 and fp32. At least one module per run."""
+    Zd and Zd^-1 in fp64 and fp32. At least one module per run."""
     m, n, _ = shape
     chunk, keys = [], set()
     for name in names:
@@ -313,20 +313,27 @@ class _BatchedSolver:
 
     def __init__(self, stats: Statistics, cfg: LoraDAConfig, population: int):
         self.stats, self.cfg, self.population = stats, cfg, population
-        self.factors: Dict[str, torch.Tensor] = {}  # input key -> L, once per distinct input, while needed
-        self.inverses: Dict[str, torch.Tensor] = {}  # input key -> L^-1
+        self.factors: Dict[str, Tuple[torch.Tensor, float]] = {}  # input key -> (L, damping), while needed
+        self.inverses: Dict[str, torch.Tensor] = {}  # input key -> Zd^-1
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
-    def cholesky(self, key: str) -> torch.Tensor:
+    def cholesky(self, key: str) -> Tuple[torch.Tensor, float]:
+        """(L, the damping it took) for the input ``key``: Zd = Z + damping I = L L^T."""
         if key not in self.factors:
-            self.factors[key] = input_cholesky(self.stats, key, self.cfg.damping)
+            self.factors[key] = damped_cholesky(self.stats.input_factor(key).double(), self.cfg.damping,
+                                                "/".join(self.stats.inputs[key].modules))
         return self.factors[key]
 
+    def damped(self, key: str) -> torch.Tensor:
+        """Zd [n, n] (symmetrised) of the input ``key``."""
+        z = self.stats.input_factor(key).double()
+        damping = self.cholesky(key)[1]
+        return 0.5 * (z + z.T) + damping * torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
+
     def inverse(self, key: str) -> torch.Tensor:
+        """Zd^-1 [n, n] of the input ``key``."""
         if key not in self.inverses:
-            chol = self.cholesky(key)
-            eye = torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device)
-            self.inverses[key] = torch.linalg.solve_triangular(chol, eye, upper=False)
+            self.inverses[key] = torch.cholesky_inverse(self.cholesky(key)[0])
         return self.inverses[key]
 
     def release(self, key: str) -> None:
@@ -344,8 +351,8 @@ class _BatchedSolver:
         op = BlockOperator(
             gradient=_stacked([lambda name=name: stats.gradient(name).double() for name in names]),
             d=d,
-            chol=_stacked([lambda key=key: self.cholesky(key) for key in distinct]),
-            chol_inv=_stacked([lambda key=key: self.inverse(key) for key in distinct]),
+            zd=_stacked([lambda key=key: self.damped(key) for key in distinct]),
+            zd_inv=_stacked([lambda key=key: self.inverse(key) for key in distinct]),
             owner=torch.tensor([distinct.index(key) for key in keys]),
             variance=torch.zeros(len(names), dtype=d.dtype, device=d.device),
             bias_weight=cfg.bias_weight,

@@ -5,7 +5,15 @@ import torch
 
 import lora_da
 from conftest import random_batches, tiny_llama
-from lora_da.eigensolver import BlockOperator, eigh, smallest_eigenvectors, svqb, top_singular_values
+from lora_da.eigensolver import (
+    BlockOperator,
+    eigh,
+    rayleigh_ritz,
+    smallest_eigenvectors,
+    svqb,
+    top_singular_values,
+    unconverged_columns,
+)
 from lora_da.solve import solve_with_report
 
 
@@ -29,13 +37,12 @@ def problem(n, m, spread, deficient_rank=None, seed=0):
 
 def operator(problems, variance):
     g, d, chol = (torch.stack(t) for t in zip(*problems))
-    eye = torch.eye(chol.shape[-1], dtype=chol.dtype)
-    return BlockOperator(g, d, chol, torch.linalg.solve_triangular(chol, eye, upper=False),
-                         torch.arange(len(problems)), torch.tensor(variance, dtype=torch.float64), 1.0)
+    return BlockOperator(g, d, chol @ chol.transpose(1, 2), torch.cholesky_inverse(chol), torch.arange(len(problems)),
+                         torch.tensor(variance, dtype=torch.float64), 1.0)
 
 
 def dense_omega(op, i):
-    zd_inv = torch.cholesky_inverse(op.chol[i])
+    zd_inv = op.zd_inv[i]
     delta = -op.d[i][:, None] * op.gradient[i] @ zd_inv
     return -delta.T @ delta + op.variance[i] * zd_inv
 
@@ -90,7 +97,7 @@ def test_sigma_matches_svd():
     op = operator([problem(50, 70, 3, None, s) for s in range(4)], [0.0] * 4)
     sigma = top_singular_values(op, block=8, tolerance=1e-10, max_iterations=300)
     for i in range(4):
-        delta = -op.d[i][:, None] * op.gradient[i] @ torch.cholesky_inverse(op.chol[i])
+        delta = -op.d[i][:, None] * op.gradient[i] @ op.zd_inv[i]
         assert abs(float(sigma[i]) / float(torch.linalg.matrix_norm(delta, 2)) - 1) < 1e-6
 
 
@@ -102,6 +109,36 @@ def test_svqb_drops_dependent_columns():
     assert kept.sum(dim=1).tolist() == [4, 4]
     basis = s @ transform
     torch.testing.assert_close(basis.transpose(1, 2) @ basis, torch.diag_embed(kept.double()), atol=1e-12, rtol=0)
+
+
+def test_unconverged_columns_come_first_padded_to_the_largest_count():
+    r = torch.zeros(3, 5, 4, dtype=torch.float64)
+    r[0, :, 1], r[0, :, 3], r[1, :, 2] = 1.0, 2.0, 3.0  # module 2: every column converged
+    index = unconverged_columns(r)
+    assert index.shape == (3, 5, 2)
+    gathered = r.gather(2, index)
+    torch.testing.assert_close(gathered[0], r[0][:, [1, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(gathered[1], torch.stack([r[1, :, 2], torch.zeros(5, dtype=torch.float64)], 1),
+                               rtol=0, atol=0)
+    assert not gathered[2].any()
+
+
+@pytest.mark.parametrize("width", [1, 3, 9])
+def test_rayleigh_ritz_on_fewer_new_directions_than_ritz_vectors(width):
+    """Locked columns leave S narrower than X: the Ritz pairs are still those of span([X, S])."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.linalg.qr(torch.randn(2, 40, 40, generator=gen, dtype=torch.float64))[0]
+    a = q @ torch.diag_embed(torch.linspace(-3, 5, 40, dtype=torch.float64).expand(2, 40)) @ q.transpose(1, 2)
+    x = torch.linalg.qr(torch.randn(2, 40, 6, generator=gen, dtype=torch.float64))[0]
+    s = torch.randn(2, 40, width, generator=gen, dtype=torch.float64)
+    s[1, :, -1] = 0.0  # a padding column
+    new_x, a_new_x, _, theta, _ = rayleigh_ritz(s, lambda block: a @ block, 6, x, a @ x)
+    for i in range(2):
+        basis = torch.linalg.qr(torch.cat([x[i], s[i][:, s[i].norm(dim=0) > 0]], dim=1))[0]
+        want = torch.linalg.eigvalsh(basis.T @ a[i] @ basis)[:6]
+        torch.testing.assert_close(theta[i], want, rtol=0, atol=1e-10)
+        torch.testing.assert_close(a_new_x[i], a[i] @ new_x[i], rtol=0, atol=1e-10)
+        torch.testing.assert_close(new_x[i].T @ new_x[i], torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("mixed", [True, False])
@@ -176,10 +213,10 @@ def test_modules_sharing_an_input_equal_private_copies():
     shared_chol = problems[0][2]
     problems = [(g, d, shared_chol if i < 3 else chol) for i, (g, d, chol) in enumerate(problems)]
     private = operator(problems, [1e-3] * 4)
-    shared = BlockOperator(private.gradient, private.d, private.chol[[0, 3]], private.chol_inv[[0, 3]],
+    shared = BlockOperator(private.gradient, private.d, private.zd[[0, 3]], private.zd_inv[[0, 3]],
                            torch.tensor([0, 0, 0, 1]), private.variance, 1.0)
     x = torch.randn(4, 30, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    for method in ("omega", "zd", "gram"):
+    for method in ("omega", "zd_product", "gram"):
         torch.testing.assert_close(getattr(shared, method)(x), getattr(private, method)(x), rtol=1e-12, atol=0)
     keep = torch.tensor([1, 3])
     torch.testing.assert_close(shared.select(keep).omega(x[keep]), private.omega(x)[keep], rtol=1e-12, atol=0)
