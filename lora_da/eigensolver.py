@@ -120,14 +120,14 @@ class BlockOperator:
 
     def select(self, index: torch.Tensor) -> "BlockOperator":
         """The operator of the modules ``index`` (ascending; the inputs' factors are shared, and
-        a run of consecutive modules shares the gradients too)."""
+        a run of consecutive modules shares the gradients too: views, no copies)."""
         index = index.cpu()
         first, count = int(index[0]), len(index)
         if bool((index == torch.arange(first, first + count)).all()):
             take = slice(first, first + count)
         else:
             take = index.to(self.gradient.device)
-        if self.private:  # each module its own input: the factors go with the modules
+        if self.private and isinstance(take, slice):  # each module its own input: views of the factors
             return BlockOperator(self.gradient[take], self.d[take], self.zd[take], self.zd_inv[take],
                                  torch.arange(count), self.variance[take], self.bias_weight)
         return BlockOperator(self.gradient[take], self.d[take], self.zd, self.zd_inv,
