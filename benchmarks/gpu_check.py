@@ -1,13 +1,15 @@
-"""GPU check, one command: build the CUDA extension, run the GPU tests, benchmark the statistics op.
+"""GPU check, one command: build the CUDA extension, run the GPU tests, benchmark the statistics op
+and the batched solver.
 
-    python benchmarks/gpu_check.py [--quick] [--skip-build] [--skip-tests]
+    python benchmarks/gpu_check.py [--quick] [--skip-build] [--skip-tests] [--skip-solver]
 
 Benchmarks ``fisher_update`` at Llama-2-7B layer shapes (n = 4096, 11008; m = 4096, 11008;
 T = 2048..16384 tokens; 0% and 30% of tokens masked; bf16 inputs) for every kernel backend against
 the best plain-PyTorch paths: fp32 ``addmm_`` and a bf16 matmul with fp32 output then add (their
 inputs cast and masked beforehand, outside the timing). TFLOP/s count useful work only: the
 triangle of Z (n^2 T_counted) and 2 m n T for G. Everything goes to $OUT (default ./outputs):
-gpu_check.json (all figures), gpu_check.txt (this printout), gpu_tests.txt (pytest output).
+gpu_check.json (all figures), gpu_check.txt (this printout), gpu_tests.txt (pytest output),
+eigensolver.json/.txt (the solver: all 224 Llama-2-7B-shaped modules at r = 8 and 64, target <= 5 s).
 """
 from __future__ import annotations
 
@@ -191,11 +193,31 @@ def targets(records: list, peak: float, say) -> dict:
     return result
 
 
+def solver_benchmark(out: Path, say, smoke: bool) -> dict:
+    """benchmarks/eigensolver.py --randomized-only on the 224 Llama-2-7B-shaped modules (tiny
+    shapes with --smoke): the batched solver's wall seconds per rank, cold and warm."""
+    shape = ["--hidden", "48", "--mlp", "80", "--layers", "2", "--ranks", "2"] if smoke else ["--llama-7b", "--ranks", "8", "64"]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eigensolver.py"), *shape, "--randomized-only"],
+                          cwd=ROOT, env={**os.environ, "OUT": str(out)}, capture_output=True, text=True)
+    (out / "eigensolver.txt").write_text(proc.stdout + proc.stderr)
+    for line in proc.stdout.splitlines():
+        say(line)
+    if proc.returncode != 0:
+        say(f"solver benchmark failed (exit {proc.returncode}); see eigensolver.txt")
+        return {"returncode": proc.returncode}
+    records = json.loads((out / "eigensolver.json").read_text())["records"]
+    for row in records:
+        say(f"target: all {row['modules']} modules solved in <= 5 s at r = {row['rank']}: "
+            f"{'met' if row['seconds'][1] <= 5.0 else 'not met'} ({row['seconds'][1]:.2f} s warm)")
+    return {"returncode": 0, "records": records}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="T = 4096 and 8192 only")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-solver", action="store_true", help="skip the batched solver on Llama-2-7B shapes")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, PyTorch paths only (checks the script)")
     args = parser.parse_args(argv)
     out = Path(os.environ.get("OUT", ROOT / "outputs"))
@@ -224,6 +246,8 @@ def main(argv=None):
         shapes, tokens_list = LLAMA_SHAPES, ([4096, 8192] if args.quick else [2048, 4096, 8192, 16384])
     report["records"] = benchmark(device, shapes, tokens_list, say, peak)
     report["targets"] = targets(report["records"], peak, say)
+    if not args.skip_solver:
+        report["solver"] = solver_benchmark(out, say, args.smoke)
     report["seconds"] = time.perf_counter() - started
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     say(f"done in {report['seconds']:.0f} s; figures in {out / 'gpu_check.json'}")

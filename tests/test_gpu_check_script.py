@@ -18,3 +18,8 @@ def test_gpu_check_smoke(tmp_path):
         assert set(record["ms"]) == {"torch_fp32_addmm", "torch_bf16_mm", "triton"}
         assert all(v > 0 for v in record["tflops"].values())
     assert (tmp_path / "gpu_check.txt").read_text().startswith("{")
+    solver = report["solver"]
+    assert solver["returncode"] == 0
+    (row,) = solver["records"]
+    assert row["rank"] == 2 and row["modules"] == 14 and len(row["seconds"]) == 2
+    assert 0 < row["max_residual"] <= 1e-7
