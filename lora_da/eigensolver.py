@@ -52,24 +52,33 @@ def eigh(a: torch.Tensor):
 class BlockOperator:
     """Omega' of b stacked modules that read u distinct inputs.
 
-    G: [b, m, n], d: [b, m], variance: [b]; zd, zd_inv: [u, n, n], each distinct input's damped
-    factor Zd and its inverse (dense, symmetric); owner: [b] (host), the input of each module.
-    Products with Zd or Zd^-1 are one matmul per input, on the columns of all its modules at once
-    (q/k/v share one).
+    G: [b, m, n], d: [b, m], variance: [b]; zd_inv: [u, n, n], the inverse of each distinct
+    input's damped factor Zd (dense, symmetric); owner: [b] (host), the input of each module;
+    make_zd() gives the Zd [u, n, n] themselves, made on first use (only the preconditioner reads
+    them). Products with Zd or Zd^-1 are one matmul per input, on the columns of all its modules at
+    once (q/k/v share one).
     """
 
     gradient: torch.Tensor
     d: torch.Tensor
-    zd: torch.Tensor
     zd_inv: torch.Tensor
     owner: torch.Tensor
     variance: torch.Tensor  # c' = beta * sum(d) / N
     bias_weight: float
+    make_zd: Callable[[], torch.Tensor]
 
     def __post_init__(self):
         device = self.gradient.device
-        self.private = bool((self.owner == torch.arange(len(self.owner))).all()) and len(self.zd) == len(self.owner)
+        self.private = bool((self.owner == torch.arange(len(self.owner))).all()) and len(self.zd_inv) == len(self.owner)
         self.members = [(int(j), (self.owner == j).nonzero().flatten().to(device)) for j in self.owner.unique()]
+        self._zd: Optional[torch.Tensor] = None
+
+    @property
+    def zd(self) -> torch.Tensor:
+        """Zd [u, n, n], made on first use."""
+        if self._zd is None:
+            self._zd = self.make_zd()
+        return self._zd
 
     def _per_input(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
         """factors[owner_b] @ X_b [b, n, k] for X [b, n, k]: one matmul per input."""
@@ -115,8 +124,8 @@ class BlockOperator:
 
     def to(self, dtype: torch.dtype) -> "BlockOperator":
         """The same operator with its tensors in ``dtype`` (the working copy of mixed precision)."""
-        return BlockOperator(self.gradient.to(dtype), self.d.to(dtype), self.zd.to(dtype), self.zd_inv.to(dtype),
-                             self.owner, self.variance.to(dtype), self.bias_weight)
+        return BlockOperator(self.gradient.to(dtype), self.d.to(dtype), self.zd_inv.to(dtype), self.owner,
+                             self.variance.to(dtype), self.bias_weight, lambda: self.zd.to(dtype))
 
     def select(self, index: torch.Tensor) -> "BlockOperator":
         """The operator of the modules ``index`` (ascending; the inputs' factors are shared, and
@@ -128,10 +137,10 @@ class BlockOperator:
         else:
             take = index.to(self.gradient.device)
         if self.private and isinstance(take, slice):  # each module its own input: views of the factors
-            return BlockOperator(self.gradient[take], self.d[take], self.zd[take], self.zd_inv[take],
-                                 torch.arange(count), self.variance[take], self.bias_weight)
-        return BlockOperator(self.gradient[take], self.d[take], self.zd, self.zd_inv,
-                             self.owner[take], self.variance[take], self.bias_weight)
+            return BlockOperator(self.gradient[take], self.d[take], self.zd_inv[take], torch.arange(count),
+                                 self.variance[take], self.bias_weight, lambda: self.zd[take])
+        return BlockOperator(self.gradient[take], self.d[take], self.zd_inv, self.owner[take],
+                             self.variance[take], self.bias_weight, lambda: self.zd)
 
 
 def inner_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

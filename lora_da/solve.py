@@ -259,7 +259,7 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
         info["modules"] += len(chunk)
         if solver == "exact":
             for name in chunk:
-                ng = natural_gradient(stats, name, batched.cholesky(stats.modules[name].input_key)[0], cfg)
+                ng = natural_gradient(stats, name, batched.cholesky(stats.modules[name].input_key), cfg)
                 for beta in betas:
                     c = ng.variance_coefficient(cfg.replace(variance_weight=beta), population)
                     v = fix_signs(exact_subspace(ng.delta_hat, ng.chol, c, cfg.bias_weight, rank))
@@ -293,7 +293,7 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
 def _chunks(stats, names: List[str], shape: Tuple[int, int, int]) -> Iterator[List[str]]:
     """Consecutive runs of ``names`` (one shape, in model order, so q/k/v stay together) whose
     randomized-solver tensors fit SOLVE_BATCH_BYTES: G in fp64 and fp32, and per distinct input
-    Zd and Zd^-1 in fp64 and fp32. At least one module per run."""
+    Zd^-1 in fp64 and fp32 (and Zd when the preconditioner runs). At least one module per run."""
     m, n, _ = shape
     chunk, keys = [], set()
     for name in names:
@@ -313,27 +313,29 @@ class _BatchedSolver:
 
     def __init__(self, stats: Statistics, cfg: LoraDAConfig, population: int):
         self.stats, self.cfg, self.population = stats, cfg, population
-        self.factors: Dict[str, Tuple[torch.Tensor, float]] = {}  # input key -> (L, damping), while needed
-        self.inverses: Dict[str, torch.Tensor] = {}  # input key -> Zd^-1
+        self.factors: Dict[str, torch.Tensor] = {}  # input key -> L, once per distinct input, while needed
+        self.dampings: Dict[str, float] = {}  # input key -> the damping its Cholesky factorisation took
+        self.inverses: Dict[str, torch.Tensor] = {}  # input key -> Zd^-1, while needed
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
-    def cholesky(self, key: str) -> Tuple[torch.Tensor, float]:
-        """(L, the damping it took) for the input ``key``: Zd = Z + damping I = L L^T."""
+    def cholesky(self, key: str) -> torch.Tensor:
+        """Lower Cholesky factor L [n, n] of the input ``key``'s Zd = Z + damping I."""
         if key not in self.factors:
-            self.factors[key] = damped_cholesky(self.stats.input_factor(key).double(), self.cfg.damping,
-                                                "/".join(self.stats.inputs[key].modules))
+            self.factors[key], self.dampings[key] = damped_cholesky(
+                self.stats.input_factor(key).double(), self.cfg.damping, "/".join(self.stats.inputs[key].modules))
         return self.factors[key]
 
     def damped(self, key: str) -> torch.Tensor:
-        """Zd [n, n] (symmetrised) of the input ``key``."""
+        """Zd [n, n] (symmetrised) of the input ``key``, at the damping its factorisation took."""
+        if key not in self.dampings:
+            self.cholesky(key)
         z = self.stats.input_factor(key).double()
-        damping = self.cholesky(key)[1]
-        return 0.5 * (z + z.T) + damping * torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
+        return 0.5 * (z + z.T) + self.dampings[key] * torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
 
     def inverse(self, key: str) -> torch.Tensor:
         """Zd^-1 [n, n] of the input ``key``."""
         if key not in self.inverses:
-            self.inverses[key] = torch.cholesky_inverse(self.cholesky(key)[0])
+            self.inverses[key] = torch.cholesky_inverse(self.cholesky(key))
         return self.inverses[key]
 
     def release(self, key: str) -> None:
@@ -351,11 +353,11 @@ class _BatchedSolver:
         op = BlockOperator(
             gradient=_stacked([lambda name=name: stats.gradient(name).double() for name in names]),
             d=d,
-            zd=_stacked([lambda key=key: self.damped(key) for key in distinct]),
             zd_inv=_stacked([lambda key=key: self.inverse(key) for key in distinct]),
             owner=torch.tensor([distinct.index(key) for key in keys]),
             variance=torch.zeros(len(names), dtype=d.dtype, device=d.device),
             bias_weight=cfg.bias_weight,
+            make_zd=lambda: _stacked([lambda key=key: self.damped(key) for key in distinct]),
         )
         for key in release:
             self.release(key)

@@ -37,8 +37,8 @@ def problem(n, m, spread, deficient_rank=None, seed=0):
 
 def operator(problems, variance):
     g, d, chol = (torch.stack(t) for t in zip(*problems))
-    return BlockOperator(g, d, chol @ chol.transpose(1, 2), torch.cholesky_inverse(chol), torch.arange(len(problems)),
-                         torch.tensor(variance, dtype=torch.float64), 1.0)
+    return BlockOperator(g, d, torch.cholesky_inverse(chol), torch.arange(len(problems)),
+                         torch.tensor(variance, dtype=torch.float64), 1.0, lambda: chol @ chol.transpose(1, 2))
 
 
 def dense_omega(op, i):
@@ -62,16 +62,18 @@ CASES = [  # n, m, spread, deficient rank, variance weight (relative to sigma^2)
 ]
 
 
+@pytest.mark.parametrize("precondition", [None, True], ids=["auto", "preconditioned"])
 @pytest.mark.parametrize("working_dtype", [torch.float64, torch.float32], ids=["fp64", "mixed"])
 @pytest.mark.parametrize("n,m,spread,deficient,variance,r", CASES)
-def test_subspace_matches_exact_eigh(n, m, spread, deficient, variance, r, working_dtype):
+def test_subspace_matches_exact_eigh(n, m, spread, deficient, variance, r, working_dtype, precondition):
     problems = [problem(n, m, spread, deficient, seed) for seed in range(3)]
     op = operator(problems, [0.0] * 3)
     sigma2 = top_singular_values(op, block=8, tolerance=1e-12, max_iterations=300) ** 2
     op.variance = variance * sigma2
     cfg = lora_da.LoraDAConfig()
     v, info = smallest_eigenvectors(op, r, oversampling=cfg.solver_oversampling, tolerance=cfg.solver_tolerance,
-                                    max_iterations=cfg.solver_max_iterations, working=op.to(working_dtype))
+                                    max_iterations=cfg.solver_max_iterations, working=op.to(working_dtype),
+                                    precondition=precondition)
     assert bool((info.residuals <= cfg.solver_tolerance).all()), info
     for i in range(3):
         omega = dense_omega(op, i)
@@ -213,8 +215,8 @@ def test_modules_sharing_an_input_equal_private_copies():
     shared_chol = problems[0][2]
     problems = [(g, d, shared_chol if i < 3 else chol) for i, (g, d, chol) in enumerate(problems)]
     private = operator(problems, [1e-3] * 4)
-    shared = BlockOperator(private.gradient, private.d, private.zd[[0, 3]], private.zd_inv[[0, 3]],
-                           torch.tensor([0, 0, 0, 1]), private.variance, 1.0)
+    shared = BlockOperator(private.gradient, private.d, private.zd_inv[[0, 3]], torch.tensor([0, 0, 0, 1]),
+                           private.variance, 1.0, lambda: private.zd[[0, 3]])
     x = torch.randn(4, 30, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     for method in ("omega", "zd_product", "gram"):
         torch.testing.assert_close(getattr(shared, method)(x), getattr(private, method)(x), rtol=1e-12, atol=0)
