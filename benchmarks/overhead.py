@@ -1,7 +1,7 @@
 """What LoRA-DA costs on the main job's model, measured side by side:
 
-    python benchmarks/overhead.py                    # 64 calibration reviews, 3 repeats
-    python benchmarks/overhead.py --reviews 128 --repeats 5
+    python benchmarks/overhead.py                    # 128 calibration reviews (the main job's), 3 repeats
+    python benchmarks/overhead.py --reviews 64 --repeats 5
 
 SmolLM2-135M-Instruct with a PEFT LoRA adapter (r = 8, every linear layer but the head). Three
 variants, each run in a fresh process (so that its peak resident memory is its own), each timed
@@ -155,7 +155,7 @@ def worker(variant: str, reviews: int, repeats: int) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reviews", type=int, default=64)
+    parser.add_argument("--reviews", type=int, default=128, help="calibration reviews (default 128, as the main job)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
