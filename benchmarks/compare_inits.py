@@ -3,6 +3,7 @@
     python benchmarks/compare_inits.py --quick     # rank 8, one seed, 20 steps, both tasks (minutes)
     python benchmarks/compare_inits.py             # ranks 4, 8, 16, seeds 0-2 (hours on a CPU)
     python benchmarks/compare_inits.py --resume    # go on with the runs.json of an interrupted run
+    python benchmarks/compare_inits.py --report-only   # table and plots of a runs.json (merged split runs)
 
 The full preset trains SmolLM2 for 30 steps (64 calibration reviews, 128 held-out) and MiniLM for
 100 (128 and 256): a SmolLM2 step costs about ten MiniLM steps on this CPU (``PRESETS``).
@@ -24,7 +25,8 @@ of -G, no Fisher, no variance term, same scale as LoRA-DA) and LoRA-DA.
 
 Outputs under $OUT (default ./outputs/compare_inits): runs.csv (one row per run and evaluation
 step), runs.json (with loss curves), table.md (mean +- std over seeds at the last step, and
-initialisation seconds), loss_<task>_r<rank>.png (training-loss curves, mean over seeds).
+initialisation seconds), loss_<task>_r<rank>.png (training and held-out loss curves, means over
+seeds).
 """
 from __future__ import annotations
 
@@ -274,8 +276,9 @@ def summarise(records, out: Path) -> str:
     return table
 
 
-def plot(records, out: Path) -> None:
-    """loss_<task>_r<rank>.png: training loss per step, mean over seeds, one line per initialiser."""
+def plot(records, out: Path, window: int = 10) -> None:
+    """loss_<task>_r<rank>.png: training loss (moving average over ``window`` steps) and held-out
+    loss at the evaluation steps, means over seeds, one line per initialiser."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,17 +288,25 @@ def plot(records, out: Path) -> None:
     key_of = {task.name: key for key, task in TASKS.items()}
     for task in sorted({r["task"] for r in records}):
         for rank in sorted({r["rank"] for r in records if r["task"] == task}):
-            fig, ax = plt.subplots(figsize=(7, 4.5))
+            fig, (train_ax, held_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
             for init in INITS:
-                curves = [r["curve"] for r in records if r["task"] == task and r["rank"] == rank and r["init"] == init]
-                if curves:
-                    mean = [statistics.mean(values) for values in zip(*curves)]
-                    ax.plot(range(1, len(mean) + 1), mean, label=init, linewidth=2.2 if init == "lora_da" else 1.2)
-            ax.set(xlabel="step", ylabel="training loss (mean over seeds)", yscale="log",
-                   title=f"{titles.get(task, task)}, r = {rank}")
-            ax.legend(fontsize=8)
+                runs = [r for r in records if r["task"] == task and r["rank"] == rank and r["init"] == init]
+                if not runs:
+                    continue
+                style = {"label": init, "linewidth": 2.4 if init == "lora_da" else 1.2}
+                mean = [statistics.mean(values) for values in zip(*(r["curve"] for r in runs))]
+                width = min(window, len(mean))
+                smooth = [statistics.mean(mean[i:i + width]) for i in range(len(mean) - width + 1)]
+                train_ax.plot(range(width, len(mean) + 1), smooth, **style)
+                steps = sorted(int(k) for k in runs[0]["evaluations"])
+                held = [statistics.mean(r["evaluations"][str(k)][0] for r in runs) for k in steps]
+                held_ax.plot(steps, held, marker="o", **style)
+            train_ax.set(xlabel="step", ylabel=f"training loss, mean of the last {window} steps", yscale="log")
+            held_ax.set(xlabel="step", ylabel="held-out loss", yscale="log")
+            held_ax.legend(fontsize=8)
+            fig.suptitle(f"{titles.get(task, task)}, r = {rank} (means over {len(runs)} seed(s))")
             fig.tight_layout()
-            fig.savefig(out / f"loss_{key_of.get(task, task)}_r{rank}.png", dpi=120)
+            fig.savefig(out / f"loss_{key_of.get(task, task)}_r{rank}.png", dpi=110)
             plt.close(fig)
 
 
@@ -317,20 +328,22 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", help="only these of the preset's seeds (to split a run)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs in $OUT/compare_inits/runs.json (same presets) and run only the others")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no runs: table, CSV and plots from $OUT/compare_inits/runs.json (e.g. merged split runs)")
     args = parser.parse_args(argv)
     presets = PRESETS["quick" if args.quick else "full"]
     out = Path(os.environ.get("OUT", ROOT / "outputs")) / "compare_inits"
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    if args.resume and (out / "runs.json").exists():
+    if (args.resume or args.report_only) and (out / "runs.json").exists():
         records = json.loads((out / "runs.json").read_text())["records"]
         key_of = {task.name: key for key, task in TASKS.items()}
         other = [r for r in records if r["preset"] != presets[key_of[r["task"]]]]
         if other:
             parser.error(f"{out / 'runs.json'} holds runs of another preset, e.g. {other[0]['preset']}")
     done = {(r["task"], r["init"], r["rank"], r["seed"]) for r in records}
-    reviews = load_rotten_tomatoes()
-    for key in args.tasks:
+    reviews = [] if args.report_only else load_rotten_tomatoes()
+    for key in [] if args.report_only else args.tasks:
         task, preset = TASKS[key], presets[key]
         for seed in (s for s in preset["seeds"] if args.seeds is None or s in args.seeds):
             todo = [(rank, init) for rank in preset["ranks"] for init in args.inits

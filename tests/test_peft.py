@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import lora_da
-from conftest import random_batches, tiny_gpt2, tiny_llama
+from conftest import classification_batches, random_batches, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 
 def peft_llama(dtype=torch.float32, adapter_name="default", **lora):
@@ -122,3 +122,24 @@ def test_collected_statistics_ignore_current_adapter_values():
     for n, p in model.named_parameters():
         if "lora_" in n:
             torch.testing.assert_close(p, first[n])
+
+
+def test_sequence_classifier_with_an_adapted_pooler():
+    """A PEFT BERT classifier with LoRA on the pooler too: its input is one vector per sequence."""
+    base = tiny_bert_classifier(seed=3, dtype=torch.float32)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value", "dense"], lora_dropout=0.0,
+                        task_type="SEQ_CLS")
+    model = get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=False)
+    batches = classification_batches([3, 4], seed=5)
+    cfg = lora_da.LoraDAConfig(damping=1e-4, gamma=4.0, population_size=100)
+    report = lora_da.initialize(model, batches, cfg, progress=False)
+    layers = lora_da.targets.lora_layers(model)
+    # per layer query, value and three dense layers (attention output, intermediate, output); the pooler
+    assert "bert.pooler.dense" in layers and len(report.modules) == len(layers) == 2 * 5 + 1
+    stats = lora_da.collect_statistics(base, batches, cfg.replace(rank=2), progress=False,
+                                       target_modules=list(layers))
+    assert stats.inputs[stats.modules["bert.pooler.dense"].input_key].num_tokens == 7  # one per sequence
+    expected = lora_da.solve(stats, cfg.replace(rank=2), progress=False)
+    for name, f in expected.items():
+        torch.testing.assert_close(layers[name].lora_B["default"].weight @ layers[name].lora_A["default"].weight,
+                                   f.lora_B @ f.lora_A)
