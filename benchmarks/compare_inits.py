@@ -1,6 +1,7 @@
 """Does LoRA-DA make the fine-tune better than the initialisers users already have?
 
-    python benchmarks/compare_inits.py --quick     # rank 8, one seed, 10 (SmolLM2) and 20 (MiniLM) steps
+    python benchmarks/compare_inits.py --quick     # MiniLM, rank 8, one seed, 20 steps (minutes)
+    python benchmarks/compare_inits.py --quick --tasks minilm smollm2   # and SmolLM2 for 10 steps
     python benchmarks/compare_inits.py             # ranks 4, 8, 16, seeds 0-2 (hours on a CPU)
     python benchmarks/compare_inits.py --resume    # go on with the runs.json of an interrupted run
     python benchmarks/compare_inits.py --report-only   # table and plots of a runs.json (merged split runs)
@@ -323,7 +324,8 @@ def write_csv(records, path: Path) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="rank 8, one seed, few steps: a first look in minutes")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS),
+                        help="default: both for the full preset, minilm for --quick (a SmolLM2 run takes minutes)")
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     parser.add_argument("--seeds", type=int, nargs="+", help="only these of the preset's seeds (to split a run)")
     parser.add_argument("--resume", action="store_true",
@@ -332,6 +334,7 @@ def main(argv=None):
                         help="no runs: table, CSV and plots from $OUT/compare_inits/runs.json (e.g. merged split runs)")
     args = parser.parse_args(argv)
     presets = PRESETS["quick" if args.quick else "full"]
+    tasks = args.tasks or (["minilm"] if args.quick else list(TASKS))
     out = Path(os.environ.get("OUT", ROOT / "outputs")) / "compare_inits"
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -343,7 +346,7 @@ def main(argv=None):
             parser.error(f"{out / 'runs.json'} holds runs of another preset, e.g. {other[0]['preset']}")
     done = {(r["task"], r["init"], r["rank"], r["seed"]) for r in records}
     reviews = [] if args.report_only else load_rotten_tomatoes()
-    for key in [] if args.report_only else args.tasks:
+    for key in [] if args.report_only else tasks:
         task, preset = TASKS[key], presets[key]
         for seed in (s for s in preset["seeds"] if args.seeds is None or s in args.seeds):
             todo = [(rank, init) for rank in preset["ranks"] for init in args.inits
