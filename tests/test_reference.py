@@ -98,6 +98,22 @@ def relative(a, b):
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
+def assert_matches_reference(stats, expected, cfg):
+    """Every module's statistics and B A (population 40) against the slow reference's."""
+    for name, want in expected.items():
+        key = stats.modules[name].input_key
+        assert stats.inputs[key].num_tokens == want["T"]
+        torch.testing.assert_close(stats.gradient(name), want["G"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(stats.input_factor(key), want["Z"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(stats.output_factor(name), want["y"], rtol=1e-10, atol=1e-14)
+        if cfg.output_fisher == "sequence_lowrank":
+            torch.testing.assert_close(stats.sequence_factor(name), want["P"], rtol=1e-10, atol=1e-14)
+    factors = lora_da.solve(stats, cfg, progress=False)
+    for name in expected:
+        ba = factors[name].lora_B @ factors[name].lora_A
+        assert relative(ba, reference_ba(expected[name], cfg, 40)) < 1e-7, name
+
+
 CASES = [
     ("llama", "right", "attention", "diagonal"),
     ("llama", "left", "attention", "sequence_lowrank"),
@@ -122,19 +138,7 @@ def test_statistics_and_factors_match_slow_reference(arch, padding, kind, fisher
     assert list(stats.modules) == names
     expected, num_sequences = reference_statistics(model, batches, names, kind)
     assert stats.num_sequences == num_sequences == 10
-    for name in names:
-        want = expected[name]
-        key = stats.modules[name].input_key
-        assert stats.inputs[key].num_tokens == want["T"]
-        torch.testing.assert_close(stats.gradient(name), want["G"], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(stats.input_factor(key), want["Z"], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(stats.output_factor(name), want["y"], rtol=1e-10, atol=1e-14)
-        if fisher == "sequence_lowrank":
-            torch.testing.assert_close(stats.sequence_factor(name), want["P"], rtol=1e-10, atol=1e-14)
-    factors = lora_da.solve(stats, cfg, progress=False)
-    for name in names:
-        ba = factors[name].lora_B @ factors[name].lora_A
-        assert relative(ba, reference_ba(expected[name], cfg, 40)) < 1e-7, name
+    assert_matches_reference(stats, expected, cfg)
 
 
 @pytest.mark.parametrize("fisher", ["diagonal", "sequence_lowrank"])
@@ -150,17 +154,7 @@ def test_classifier_with_pooled_inputs_matches_slow_reference(fisher):
     expected, num_sequences = reference_statistics(model, batches, names, "attention")
     assert stats.num_sequences == num_sequences == 9
     assert stats.inputs[stats.modules["bert.pooler.dense"].input_key].num_tokens == 9
-    for name in names:
-        want = expected[name]
-        torch.testing.assert_close(stats.gradient(name), want["G"], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(stats.input_factor(stats.modules[name].input_key), want["Z"], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(stats.output_factor(name), want["y"], rtol=1e-10, atol=1e-14)
-        if fisher == "sequence_lowrank":
-            torch.testing.assert_close(stats.sequence_factor(name), want["P"], rtol=1e-10, atol=1e-14)
-    factors = lora_da.solve(stats, cfg, progress=False)
-    for name in names:
-        ba = factors[name].lora_B @ factors[name].lora_A
-        assert relative(ba, reference_ba(expected[name], cfg, 40)) < 1e-7, name
+    assert_matches_reference(stats, expected, cfg)
 
 
 def test_shared_inputs_detected_from_tensors():
