@@ -41,7 +41,10 @@ TYPES = {  # module -> (input group, out features key, in features key)
 }
 
 
-def synthetic_statistics(hidden: int, mlp: int, layers: int, device: str, seed: int = 0) -> Statistics:
+def synthetic_statistics(hidden: int, mlp: int, layers: int, device: str, seed: int = 0,
+                         dtype: torch.dtype = torch.float64) -> Statistics:
+    """Llama-shaped statistics with decaying spectra, stored in ``dtype`` (collection gives fp32;
+    the CPU benchmark keeps fp64, the Llama-2-7B shapes take fp32 to fit 48 GB instead of 96)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     sizes = {"hidden": hidden, "mlp": mlp}
     bases = {n: torch.linalg.qr(torch.randn(n, n, generator=gen, device=device, dtype=torch.float64))[0]
@@ -56,11 +59,11 @@ def synthetic_statistics(hidden: int, mlp: int, layers: int, device: str, seed: 
                 keys[group] = name
                 decay = torch.arange(1, n + 1, device=device, dtype=torch.float64) ** -(1.5 + 0.1 * layer)
                 q = bases[n]
-                inputs[name] = InputStatistics((), (q * decay) @ q.T, 1)
+                inputs[name] = InputStatistics((), ((q * decay) @ q.T).to(dtype), 1)
             g = torch.randn(m, n, generator=gen, device=device, dtype=torch.float64)
             g = g * torch.arange(1, n + 1, device=device, dtype=torch.float64) ** -0.5 * 1e-3
             y = torch.rand(m, generator=gen, device=device, dtype=torch.float64) * 1e-6 + 1e-8
-            modules[name] = ModuleStatistics(keys[group], g, y)
+            modules[name] = ModuleStatistics(keys[group], g.to(dtype), y.to(dtype))
     for key in inputs:
         inputs[key].modules = tuple(n for n, s in modules.items() if s.input_key == key)
     return Statistics(modules, inputs, num_sequences=1, population_size=100_000, token_mask="attention",
@@ -214,7 +217,8 @@ def main(argv=None):
         say(f"device cpu, torch {torch.__version__}, threads {torch.get_num_threads()}, SmolLM2-135M statistics, "
             f"{len(stats.modules)} modules")
     else:
-        stats = synthetic_statistics(args.hidden, args.mlp, args.layers, device)
+        stats = synthetic_statistics(args.hidden, args.mlp, args.layers, device,
+                                     dtype=torch.float32 if args.llama_7b else torch.float64)
         say(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, hidden {args.hidden}, "
             f"mlp {args.mlp}, layers {args.layers}")
     if args.randomized_only:

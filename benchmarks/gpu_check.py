@@ -14,6 +14,7 @@ eigensolver.json/.txt (the solver: all 224 Llama-2-7B-shaped modules at r = 8 an
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS_TIMEOUT_S = 200
 
 
 class Tee:
@@ -53,7 +55,15 @@ def run_tests(out: Path, say) -> dict:
     # the embedded model and data packages are not on GPU images: their tests run in CI
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests",
            "--ignore=tests/test_embedded.py"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", "8"]  # two threads per worker
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S,
+                              env={**os.environ, "OMP_NUM_THREADS": "2"})
+    except subprocess.TimeoutExpired as expired:
+        (out / "gpu_tests.txt").write_text(f"{expired.stdout or ''}{expired.stderr or ''}")
+        say(f"tests: stopped after {TESTS_TIMEOUT_S} s")
+        return {"returncode": None, "summary": "timed out", "command": " ".join(cmd[1:])}
     (out / "gpu_tests.txt").write_text(proc.stdout + proc.stderr)
     summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
     say(f"tests: exit {proc.returncode} in {time.perf_counter() - started:.0f} s: {summary}")
@@ -197,10 +207,11 @@ def solver_benchmark(out: Path, say, smoke: bool) -> dict:
     """benchmarks/eigensolver.py --randomized-only on the 224 Llama-2-7B-shaped modules (tiny
     shapes with --smoke): the batched solver's wall seconds per rank, cold and warm."""
     shape = ["--hidden", "48", "--mlp", "80", "--layers", "2", "--ranks", "2"] if smoke else ["--llama-7b", "--ranks", "8", "64"]
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eigensolver.py"), *shape, "--randomized-only"],
-                          cwd=ROOT, env={**os.environ, "OUT": str(out)}, capture_output=True, text=True)
-    (out / "eigensolver.txt").write_text(proc.stdout + proc.stderr)
-    for line in proc.stdout.splitlines():
+    with (out / "eigensolver.txt").open("w") as log:  # written as it runs: kept if the run is cut short
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eigensolver.py"), *shape,
+                               "--randomized-only"], cwd=ROOT, env={**os.environ, "OUT": str(out)},
+                              stdout=log, stderr=subprocess.STDOUT, text=True)
+    for line in (out / "eigensolver.txt").read_text().splitlines():
         say(line)
     if proc.returncode != 0:
         say(f"solver benchmark failed (exit {proc.returncode}); see eigensolver.txt")
@@ -234,10 +245,17 @@ def main(argv=None):
               "python": platform.python_version(), "command": "python benchmarks/gpu_check.py " + " ".join(argv or sys.argv[1:])}
     say(json.dumps(report))
     started = time.perf_counter()
+
+    def save():  # after every phase, so that a run cut short keeps what it measured
+        report["seconds"] = time.perf_counter() - started
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+
     if not (args.skip_build or args.smoke):
         report["build"] = build(say)
+        save()
     if not (args.skip_tests or args.smoke):
         report["tests"] = run_tests(out, say)
+        save()
     peak = bf16_peak(say, device, 256 if args.smoke else 8192)
     report["bf16_peak_tflops"] = peak
     if args.smoke:
@@ -246,10 +264,10 @@ def main(argv=None):
         shapes, tokens_list = LLAMA_SHAPES, ([4096, 8192] if args.quick else [2048, 4096, 8192, 16384])
     report["records"] = benchmark(device, shapes, tokens_list, say, peak)
     report["targets"] = targets(report["records"], peak, say)
+    save()
     if not args.skip_solver:
         report["solver"] = solver_benchmark(out, say, args.smoke)
-    report["seconds"] = time.perf_counter() - started
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    save()
     say(f"done in {report['seconds']:.0f} s; figures in {out / 'gpu_check.json'}")
 
 

@@ -21,6 +21,14 @@ AUTO_RANDOMIZED_MIN_N = 512  # solver="auto" takes the randomized solver from th
 SOLVE_BATCH_BYTES = 2**31  # the randomized solver stacks at most this much of G and the input factors at once
 
 
+def solve_batch_bytes(device: torch.device) -> int:
+    """Bytes of G and input factors the randomized solver stacks at once: SOLVE_BATCH_BYTES, or
+    on a GPU a quarter of its free memory where that is more."""
+    if device.type == "cuda":
+        return max(SOLVE_BATCH_BYTES, torch.cuda.mem_get_info(device)[0] // 4)
+    return SOLVE_BATCH_BYTES
+
+
 @dataclass
 class LoraFactors:
     """LoRA-DA factors of one module: the adapted weight starts at W0 + s * lora_B @ lora_A."""
@@ -244,7 +252,8 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
         groups = {key: [n for n in group if owners[n] == place[0]] for key, group in groups.items()}
         groups = {key: group for key, group in groups.items() if group}
     check_counted_tokens(stats)
-    chunks = [(shape, chunk) for shape, group in groups.items() for chunk in _chunks(stats, group, shape)]
+    budget = solve_batch_bytes(stats.device)
+    chunks = [(shape, chunk) for shape, group in groups.items() for chunk in _chunks(stats, group, shape, budget)]
     readers = Counter(stats.modules[n].input_key for _, chunk in chunks for n in chunk)
     batched = _BatchedSolver(stats, cfg, population)
     subspaces: Dict[Tuple[float, str], Tuple[torch.Tensor, torch.Tensor]] = {}  # V [n, R], Delta V / sigma [m, R]
@@ -290,16 +299,16 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
     return sweep, report
 
 
-def _chunks(stats, names: List[str], shape: Tuple[int, int, int]) -> Iterator[List[str]]:
+def _chunks(stats, names: List[str], shape: Tuple[int, int, int], budget: int) -> Iterator[List[str]]:
     """Consecutive runs of ``names`` (one shape, in model order, so q/k/v stay together) whose
-    randomized-solver tensors fit SOLVE_BATCH_BYTES: G in fp64 and fp32, and per distinct input
+    randomized-solver tensors fit ``budget`` bytes: G in fp64 and fp32, and per distinct input
     Zd^-1 in fp64 and fp32 (and Zd when the preconditioner runs). At least one module per run."""
     m, n, _ = shape
     chunk, keys = [], set()
     for name in names:
         key = stats.modules[name].input_key
         need = 12 * m * n * (len(chunk) + 1) + 24 * n * n * len(keys | {key})
-        if chunk and need > SOLVE_BATCH_BYTES:
+        if chunk and need > budget:
             yield chunk
             chunk, keys = [], set()
         chunk.append(name)

@@ -230,7 +230,7 @@ def test_batches_bounded_in_memory_give_the_same_factors(monkeypatch):
     stats = lora_da.collect_statistics(tiny_llama(seed=6), random_batches([4, 4, 4, 4], seed=7), progress=False)
     cfg = lora_da.LoraDAConfig(rank=4, damping=1e-4, population_size=50, solver="randomized")
     whole, whole_report = solve_with_report(stats, cfg, progress=False)
-    monkeypatch.setattr(sys.modules["lora_da.solve"], "SOLVE_BATCH_BYTES", 1)  # one module per batch
+    monkeypatch.setattr(sys.modules["lora_da.solve"], "solve_batch_bytes", lambda device: 1)  # one module per batch
     alone, alone_report = solve_with_report(stats, cfg, progress=False)
     assert {k: v["modules"] for k, v in alone_report.items()} == {k: v["modules"] for k, v in whole_report.items()}
     for name in whole:
