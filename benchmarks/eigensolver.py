@@ -129,9 +129,10 @@ def smollm2_statistics(layers=(0, 10, 20, 29), reviews: int = 64) -> Statistics:
     return lora_da.collect_statistics(model, batches, target_modules=targets, population_size=480, progress=False)
 
 
-def run_randomized_only(stats, ranks, say):
+def run_randomized_only(stats, ranks, say, save):
     """All modules in one ``solve`` call per rank, twice (the first includes kernel compilation
-    and allocator warm-up): wall seconds, iterations and largest final residual per shape."""
+    and allocator warm-up): wall seconds, iterations and largest final residual per shape;
+    ``save(records)`` after each rank."""
     records = []
     for rank in ranks:
         cfg = lora_da.LoraDAConfig(rank=rank)
@@ -144,10 +145,26 @@ def run_randomized_only(stats, ranks, say):
         say(f"r={rank:<3} {len(stats.modules)} modules, randomized: {row['seconds'][0]:.2f} s cold, "
             f"{row['seconds'][1]:.2f} s warm, iterations <= {row['iterations']}, residual <= {row['max_residual']:.1e}")
         records.append(row)
+        save(records)
     return records
 
 
-def run(stats, ranks, with_lobpcg, say):
+def profile_randomized(stats, rank: int, path: Path) -> None:
+    """One randomized solve at ``rank`` under torch.profiler: the operations that take the time,
+    written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cfg = lora_da.LoraDAConfig(rank=rank)
+    with profile(activities=activities) as prof:
+        timed(lambda: solve_with_report(stats, cfg, solver="randomized", progress=False))
+    keys = ["self_cpu_time_total"] + (["self_cuda_time_total"] if torch.cuda.is_available() else [])
+    averages = prof.key_averages()
+    path.write_text("\n".join(f"sorted by {key}:\n" + averages.table(sort_by=key, row_limit=25, max_name_column_width=60)
+                              for key in keys))
+
+
+def run(stats, ranks, with_lobpcg, say, save):
     shapes = sorted({shape_of(stats, n) for n in stats.modules})
     records = []
     for rank in ranks:
@@ -186,6 +203,7 @@ def run(stats, ranks, with_lobpcg, say):
             + (f"; lobpcg-10 {row['seconds']['lobpcg10']:.2f} s, max sine {row['max_sine']['lobpcg10']:.1e}"
                if with_lobpcg else ""))
         records.append(row)
+        save(records)
     return records
 
 
@@ -200,6 +218,8 @@ def main(argv=None):
     parser.add_argument("--no-lobpcg", action="store_true", help="skip the torch.lobpcg baseline")
     parser.add_argument("--randomized-only", action="store_true",
                         help="time the batched solver alone on all modules (no exact path, no accuracy)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --randomized-only: profile one more solve at the last rank (profile.txt)")
     args = parser.parse_args(argv)
     if args.llama_7b:
         args.hidden, args.mlp, args.layers = 4096, 11008, 32
@@ -221,12 +241,16 @@ def main(argv=None):
                                      dtype=torch.float32 if args.llama_7b else torch.float64)
         say(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, hidden {args.hidden}, "
             f"mlp {args.mlp}, layers {args.layers}")
+    def save(records):  # after each rank, so that a run cut short keeps what it measured
+        (out / "eigensolver.json").write_text(json.dumps({"args": vars(args), "device": device, "records": records,
+                                                          "log": lines}, indent=1))
+
     if args.randomized_only:
-        records = run_randomized_only(stats, args.ranks, say)
+        run_randomized_only(stats, args.ranks, say, save)
+        if args.profile:
+            profile_randomized(stats, args.ranks[-1], out / "profile.txt")
     else:
-        records = run(stats, args.ranks, not args.no_lobpcg, say)
-    (out / "eigensolver.json").write_text(json.dumps({"args": vars(args), "device": device, "records": records,
-                                                      "log": lines}, indent=1))
+        run(stats, args.ranks, not args.no_lobpcg, say, save)
 
 
 if __name__ == "__main__":

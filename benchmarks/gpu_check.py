@@ -41,6 +41,10 @@ class Tee:
 def build(say) -> dict:
     started = time.perf_counter()
     env = {**os.environ, "LORA_DA_REQUIRE_CUDA": "1"}
+    if Path("/usr/bin/g++").exists():
+        # the system compiler: one CUDA image's CXX wrapper (/opt/gcc/bin/g++) built an extension
+        # that crashed formatting its own error messages (a second libstdc++ in the library)
+        env.update(CC="/usr/bin/gcc", CXX="/usr/bin/g++", LDSHARED="/usr/bin/g++ -shared")
     proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -59,7 +63,7 @@ def run_tests(out: Path, say) -> dict:
         cmd += ["-n", "8"]  # two threads per worker
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S,
-                              env={**os.environ, "OMP_NUM_THREADS": "2"})
+                              env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)})
     except subprocess.TimeoutExpired as expired:
         (out / "gpu_tests.txt").write_text(f"{expired.stdout or ''}{expired.stderr or ''}")
         say(f"tests: stopped after {TESTS_TIMEOUT_S} s")
@@ -207,9 +211,12 @@ def solver_benchmark(out: Path, say, smoke: bool) -> dict:
     """benchmarks/eigensolver.py --randomized-only on the 224 Llama-2-7B-shaped modules (tiny
     shapes with --smoke): the batched solver's wall seconds per rank, cold and warm."""
     shape = ["--hidden", "48", "--mlp", "80", "--layers", "2", "--ranks", "2"] if smoke else ["--llama-7b", "--ranks", "8", "64"]
+    env = {**os.environ, "OUT": str(out)}
+    if smoke:  # on CPU like the rest of the smoke run (the Triton interpreter cannot take CUDA tensors)
+        env["CUDA_VISIBLE_DEVICES"] = ""
     with (out / "eigensolver.txt").open("w") as log:  # written as it runs: kept if the run is cut short
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eigensolver.py"), *shape,
-                               "--randomized-only"], cwd=ROOT, env={**os.environ, "OUT": str(out)},
+                               "--randomized-only"], cwd=ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT, text=True)
     for line in (out / "eigensolver.txt").read_text().splitlines():
         say(line)

@@ -62,7 +62,7 @@ class BlockOperator:
     gradient: torch.Tensor
     d: torch.Tensor
     zd_inv: torch.Tensor
-    owner: torch.Tensor
+    owner: torch.Tensor  # [b] on the host: which input (row of zd_inv) each module reads
     variance: torch.Tensor  # c' = beta * sum(d) / N
     bias_weight: float
     make_zd: Callable[[], torch.Tensor]
@@ -132,14 +132,12 @@ class BlockOperator:
         a run of consecutive modules shares the gradients too: views, no copies)."""
         index = index.cpu()
         first, count = int(index[0]), len(index)
-        if bool((index == torch.arange(first, first + count)).all()):
-            take = slice(first, first + count)
-        else:
-            take = index.to(self.gradient.device)
-        if self.private and isinstance(take, slice):  # each module its own input: views of the factors
+        consecutive = bool((index == torch.arange(first, first + count)).all())
+        take = slice(first, first + count) if consecutive else index.to(self.gradient.device)
+        if self.private and consecutive:  # each module its own input: views of the factors
             return BlockOperator(self.gradient[take], self.d[take], self.zd_inv[take], torch.arange(count),
                                  self.variance[take], self.bias_weight, lambda: self.zd[take])
-        return BlockOperator(self.gradient[take], self.d[take], self.zd_inv, self.owner[take],
+        return BlockOperator(self.gradient[take], self.d[take], self.zd_inv, self.owner[index],
                              self.variance[take], self.bias_weight, lambda: self.zd)
 
 

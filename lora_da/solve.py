@@ -363,7 +363,7 @@ class _BatchedSolver:
             gradient=_stacked([lambda name=name: stats.gradient(name) for name in names], torch.float64),
             d=d,
             zd_inv=_stacked([lambda key=key: self.inverse(key) for key in distinct]),
-            owner=torch.tensor([distinct.index(key) for key in keys]),
+            owner=torch.tensor([distinct.index(key) for key in keys]),  # on the host
             variance=torch.zeros(len(names), dtype=d.dtype, device=d.device),
             bias_weight=cfg.bias_weight,
             make_zd=lambda: _stacked([lambda key=key: self.damped(key) for key in distinct]),

@@ -8,11 +8,12 @@ import lora_da
 from conftest import TARGETS
 
 VARIANTS = ["default", "no_variance", "strong_variance"]
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton interpreted on CPU, compiled on a GPU
 
 
-def relative_errors(golden, variant, dtype, **overrides):
+def relative_errors(golden, variant, dtype, device="cpu", **overrides):
     path, manifest, batches = golden
-    model = AutoModelForCausalLM.from_pretrained(str(path / "model")).to(dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path / "model")).to(device, dtype)
     cfg = lora_da.LoraDAConfig(target_modules=TARGETS, **manifest["variants"][variant], **overrides)
     stats = lora_da.collect_statistics(model, batches, cfg, progress=False)
     factors = lora_da.solve(stats, cfg, progress=False)
@@ -21,7 +22,7 @@ def relative_errors(golden, variant, dtype, **overrides):
     errors = {}
     for name, f in factors.items():
         assert f.lora_A.dtype == f.lora_B.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        ba = f.lora_B.double() @ f.lora_A.double()
+        ba = (f.lora_B.double() @ f.lora_A.double()).cpu()
         want = expected[f"{name}.BA"]
         errors[name] = float(torch.linalg.norm(ba - want) / torch.linalg.norm(want))
     return errors
@@ -42,8 +43,16 @@ def test_golden_fp32(golden, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_golden_fp32_triton(golden, variant):
-    """The Triton kernels (interpreted on CPU) inside the whole pipeline."""
-    errors = relative_errors(golden, variant, torch.float32, backend="triton")
+    """The Triton kernels inside the whole pipeline."""
+    errors = relative_errors(golden, variant, torch.float32, KERNEL_DEVICE, backend="triton")
+    assert max(errors.values()) <= 1e-2, errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA extension's kernels run on a GPU")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_golden_fp32_cuda(golden, variant):
+    """The CUDA C++ kernels inside the whole pipeline."""
+    errors = relative_errors(golden, variant, torch.float32, "cuda", backend="cuda")
     assert max(errors.values()) <= 1e-2, errors
 
 
