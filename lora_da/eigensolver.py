@@ -62,7 +62,7 @@ class BlockOperator:
     gradient: torch.Tensor
     d: torch.Tensor
     zd_inv: torch.Tensor
-    owner: torch.Tensor  # [b] on the host: which input (row of zd_inv) each module reads
+    owner: torch.Tensor
     variance: torch.Tensor  # c' = beta * sum(d) / N
     bias_weight: float
     make_zd: Callable[[], torch.Tensor]
