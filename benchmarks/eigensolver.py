@@ -241,6 +241,7 @@ def main(argv=None):
                                      dtype=torch.float32 if args.llama_7b else torch.float64)
         say(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, hidden {args.hidden}, "
             f"mlp {args.mlp}, layers {args.layers}")
+
     def save(records):  # after each rank, so that a run cut short keeps what it measured
         (out / "eigensolver.json").write_text(json.dumps({"args": vars(args), "device": device, "records": records,
                                                           "log": lines}, indent=1))
