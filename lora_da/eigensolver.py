@@ -23,8 +23,10 @@ iteration to the next stays in fp64 (see ``smallest_eigenvectors``).
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -32,20 +34,53 @@ from . import dispatch
 
 STAGNATION_CHECKS = 10  # mixed precision: full precision once a refreshed module stalls for this many checks
 SINGLE_THREAD_EIGH_MAX_N = 1024  # measured: CPU eigh up to this size runs faster on one thread
+CUDA_BATCHED_EIGH_MAX_N = 32  # torch's CUDA eigh runs a batch as one call up to this size, one matrix at a time above
+HOST_EIGH_ON_CUDA = os.environ.get("LORA_DA_SMALL_EIGH", "host") == "host"  # "device": keep them on the GPU
+
+_host_pool: Optional[ThreadPoolExecutor] = None  # made on first use, grown when more threads are wanted
+_host_pool_size = 0
 
 
-def eigh(a: torch.Tensor):
-    """torch.linalg.eigh of symmetric [..., n, n]; on CPUs, for n <= SINGLE_THREAD_EIGH_MAX_N, on
-    one intra-op thread (multi-threaded LAPACK is several times slower there: 0.71 s vs 0.12 s for
-    32 matrices of 216 x 216 on two cores)."""
+def _single_thread_eigh(a: torch.Tensor):
+    """torch.linalg.eigh on one intra-op thread of the calling thread (the setting is per thread)."""
     threads = torch.get_num_threads()
-    if a.device.type != "cpu" or a.shape[-1] > SINGLE_THREAD_EIGH_MAX_N or threads == 1:
-        return torch.linalg.eigh(a)
     torch.set_num_threads(1)
     try:
         return torch.linalg.eigh(a)
     finally:
         torch.set_num_threads(threads)
+
+
+def _pooled_eigh(a: torch.Tensor):
+    """eigh of a host batch [b, n, n], split over worker threads, one LAPACK call on one thread each."""
+    global _host_pool, _host_pool_size
+    workers = min(torch.get_num_threads(), a.shape[0]) if a.dim() == 3 else 1
+    if workers <= 1:
+        return _single_thread_eigh(a)
+    if _host_pool_size < workers:
+        _host_pool, _host_pool_size = ThreadPoolExecutor(workers, thread_name_prefix="lora_da_eigh"), workers
+    parts = list(_host_pool.map(_single_thread_eigh, a.chunk(workers)))
+    return torch.cat([values for values, _ in parts]), torch.cat([vectors for _, vectors in parts])
+
+
+def eigh(a: torch.Tensor):
+    """(eigenvalues, eigenvectors) of symmetric [..., n, n], as torch.linalg.eigh.
+
+    LAPACK runs a batch one matrix at a time, and multi-threaded LAPACK is several times slower on
+    small matrices (0.67 s vs 0.13 s for 32 of 216 x 216 on two cores): for n <=
+    SINGLE_THREAD_EIGH_MAX_N a host batch is split over threads that each run one-threaded calls
+    (0.08 s there). torch's CUDA eigh also loops over a batch above CUDA_BATCHED_EIGH_MAX_N (one
+    cuSOLVER syevd per matrix), so such batches go to the host and back unless LORA_DA_SMALL_EIGH=device.
+    """
+    n = a.shape[-1]
+    if n > SINGLE_THREAD_EIGH_MAX_N:
+        return torch.linalg.eigh(a)
+    if a.device.type == "cpu":
+        return _pooled_eigh(a)
+    if a.device.type == "cuda" and HOST_EIGH_ON_CUDA and n > CUDA_BATCHED_EIGH_MAX_N:
+        values, vectors = _pooled_eigh(a.cpu())
+        return values.to(a.device, non_blocking=True), vectors.to(a.device, non_blocking=True)
+    return torch.linalg.eigh(a)
 
 
 @dataclass
@@ -183,26 +218,34 @@ def rayleigh_ritz(s: torch.Tensor, apply: Callable[[torch.Tensor], torch.Tensor]
     transform, kept = svqb(s)
     q = s @ transform
     a_q = apply(q)
-    basis = q if x is None else torch.cat([x, q], dim=2)
-    a_basis = a_q if x is None else torch.cat([a_x, a_q], dim=2)
-    h = inner_products(basis, a_basis)
+    kx = 0 if x is None else x.shape[2]
+    h = inner_products(q, a_q)
     if x is not None:
         # the coupling X^T A Q from the carried (full-precision) A X, not from A Q: its true size is
         # that of the residuals, and the errors of a low-precision A Q would swamp it near convergence
-        kx = x.shape[2]
         coupling = inner_products(a_x, q)
-        h[:, :kx, kx:] = coupling
-        h[:, kx:, :kx] = coupling.transpose(1, 2)
+        h = torch.cat([torch.cat([inner_products(x, a_x), coupling], dim=2),
+                       torch.cat([coupling.transpose(1, 2), h], dim=2)], dim=1)
     h = 0.5 * (h + h.transpose(1, 2))
     # dropped directions get a Rayleigh quotient far above every real one, so none is picked
-    dropped = torch.cat([kept.new_zeros((kept.shape[0], basis.shape[2] - q.shape[2])), ~kept], dim=1)
+    dropped = torch.cat([kept.new_zeros((kept.shape[0], kx)), ~kept], dim=1)
     big = 10.0 * (h.abs().amax(dim=(1, 2), keepdim=True) + 1.0)
     h = h.masked_fill(dropped[:, :, None] | dropped[:, None, :], 0.0) + torch.diag_embed(dropped.to(h.dtype)) * big
     theta, coefficients = eigh(h)
     real = torch.arange(theta.shape[1], device=theta.device) < (~dropped).sum(dim=1, keepdim=True)
     c = coefficients[:, :, :count].to(s.dtype)
-    p = q @ c[:, basis.shape[2] - q.shape[2]:]
-    return basis @ c, a_basis @ c, p, theta[:, :count], torch.where(real, theta.abs(), 0.0).amax(dim=1)
+    p, a_p = q @ c[:, kx:], a_q @ c[:, kx:]
+    if x is not None:  # X' = X c_X + P' without the concatenated basis [X, Q]
+        x, a_x = torch.baddbmm(p, x, c[:, :kx]), torch.baddbmm(a_p, a_x, c[:, :kx])
+    else:
+        x, a_x = p, a_p
+    return x, a_x, p, theta[:, :count], torch.where(real, theta.abs(), 0.0).amax(dim=1)
+
+
+def consecutive_runs(index: torch.Tensor) -> List[torch.Tensor]:
+    """Ascending host ``index`` [c] split into runs of consecutive values."""
+    breaks = ((index[1:] - index[:-1]) != 1).nonzero().flatten() + 1
+    return list(torch.tensor_split(index, breaks))
 
 
 def unconverged_columns(r: torch.Tensor) -> torch.Tensor:
@@ -282,7 +325,7 @@ def smallest_eigenvectors(
     iterations = torch.zeros(batch, dtype=torch.long)
     residuals = torch.zeros(batch, dtype=torch.float64)
     for step in range(1, max_iterations + 1):
-        theta = (x.transpose(1, 2) @ ax).diagonal(dim1=1, dim2=2)
+        theta = (x * ax).sum(dim=1)
         r = ax - x * theta[:, None, :]
         # soft locking: converged columns stop contributing directions (their residual is noise)
         r = r * (r.norm(dim=1, keepdim=True) > tolerance * norm[:, None, None])
@@ -294,7 +337,8 @@ def smallest_eigenvectors(
             if candidates.numel():
                 # a fresh A X in full precision: the carried one drifts through the linear combinations
                 fresh = candidates.to(device)
-                ax[fresh] = op.select(fresh).omega(x[fresh])
+                for run in consecutive_runs(candidates):  # views of op's tensors, where a selection copies G
+                    ax[run[0]:run[-1] + 1] = op.select(run).omega(x[run[0]:run[-1] + 1])
                 r[fresh] = ax[fresh] - x[fresh] * theta[fresh][:, None, :]
                 relative[candidates] = _relative_residual(r[fresh], rank, norm[fresh])
                 refreshed[candidates] = True
@@ -324,7 +368,7 @@ def smallest_eigenvectors(
                 # a cluster keep the corrections large): go on in full precision, from a fresh A X
                 mixed, working = False, op
                 ax = op.omega(x)
-                theta = (x.transpose(1, 2) @ ax).diagonal(dim1=1, dim2=2)
+                theta = (x * ax).sum(dim=1)
                 r = (ax - x * theta[:, None, :]) * (~finished).to(device)[:, None, None]
         if step % check_every == 0 or columns is None:
             columns = unconverged_columns(r)

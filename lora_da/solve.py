@@ -19,6 +19,10 @@ from .statistics import Statistics
 MAX_DAMPING_RETRIES = 8  # each retry multiplies the input damping by 10
 AUTO_RANDOMIZED_MIN_N = 512  # solver="auto" takes the randomized solver from this in_features on
 SOLVE_BATCH_BYTES = 2**31  # the randomized solver stacks at most this much of G and the input factors at once
+# on CPUs, the solver's widest fp64 block [b, n, 3k] stays below glibc's largest mmap threshold: larger
+# blocks are mapped afresh at each allocation, page-faulted and unmapped (measured: 32 modules of
+# 1024 x 1024 at r = 64 took 11.6 s in one batch, 9.0 s in batches of at most 16)
+CPU_BLOCK_BYTES = 32 * 2**20
 
 
 def solve_batch_bytes(device: torch.device) -> int:
@@ -27,6 +31,15 @@ def solve_batch_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return max(SOLVE_BATCH_BYTES, torch.cuda.mem_get_info(device)[0] // 4)
     return SOLVE_BATCH_BYTES
+
+
+def solve_batch_modules(device: torch.device, n: int, columns: int) -> Optional[int]:
+    """Most modules of in_features ``n`` the randomized solver stacks at once with ``columns`` = r +
+    oversampling search vectors: on CPUs, as many as keep [b, n, 3 columns] fp64 within
+    CPU_BLOCK_BYTES; no limit elsewhere."""
+    if device.type != "cpu":
+        return None
+    return max(1, CPU_BLOCK_BYTES // (8 * n * 3 * columns))
 
 
 @dataclass
@@ -253,7 +266,9 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
         groups = {key: group for key, group in groups.items() if group}
     check_counted_tokens(stats)
     budget = solve_batch_bytes(stats.device)
-    chunks = [(shape, chunk) for shape, group in groups.items() for chunk in _chunks(stats, group, shape, budget)]
+    chunks = [(shape, chunk) for shape, group in groups.items()
+              for chunk in _chunks(stats, group, shape, budget,
+                                   solve_batch_modules(stats.device, shape[1], shape[2] + cfg.solver_oversampling))]
     readers = Counter(stats.modules[n].input_key for _, chunk in chunks for n in chunk)
     batched = _BatchedSolver(stats, cfg, population)
     subspaces: Dict[Tuple[float, str], Tuple[torch.Tensor, torch.Tensor]] = {}  # V [n, R], Delta V / sigma [m, R]
@@ -299,16 +314,18 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
     return sweep, report
 
 
-def _chunks(stats, names: List[str], shape: Tuple[int, int, int], budget: int) -> Iterator[List[str]]:
-    """Consecutive runs of ``names`` (one shape, in model order, so q/k/v stay together) whose
-    randomized-solver tensors fit ``budget`` bytes: G in fp64 and fp32, and per distinct input
-    Zd^-1 in fp64 and fp32 (and Zd when the preconditioner runs). At least one module per run."""
+def _chunks(stats, names: List[str], shape: Tuple[int, int, int], budget: int,
+            most: Optional[int] = None) -> Iterator[List[str]]:
+    """Consecutive runs of ``names`` (one shape, in model order, so q/k/v stay together) of at most
+    ``most`` modules whose randomized-solver tensors fit ``budget`` bytes: G in fp64 and fp32, and
+    per distinct input Zd^-1 in fp64 and fp32 (and Zd when the preconditioner runs). At least one
+    module per run."""
     m, n, _ = shape
     chunk, keys = [], set()
     for name in names:
         key = stats.modules[name].input_key
         need = 12 * m * n * (len(chunk) + 1) + 24 * n * n * len(keys | {key})
-        if chunk and need > budget:
+        if chunk and (need > budget or len(chunk) == most):
             yield chunk
             chunk, keys = [], set()
         chunk.append(name)
@@ -393,7 +410,7 @@ class _BatchedSolver:
             )
             if sigma is None:
                 sigma = (top_singular_values(op, block=8, tolerance=1e-10, max_iterations=cfg.solver_max_iterations,
-                                             start=v) if cfg.normalize_delta
+                                             start=v[:, :, :8]) if cfg.normalize_delta
                          else torch.ones(len(names), dtype=op.gradient.dtype, device=op.gradient.device))
             v = fix_signs(v)
             results.append((v, op.delta(v) / sigma[:, None, None], convergence))

@@ -7,6 +7,7 @@ import lora_da
 from conftest import random_batches, tiny_llama
 from lora_da.eigensolver import (
     BlockOperator,
+    consecutive_runs,
     eigh,
     rayleigh_ritz,
     smallest_eigenvectors,
@@ -14,7 +15,7 @@ from lora_da.eigensolver import (
     top_singular_values,
     unconverged_columns,
 )
-from lora_da.solve import solve_with_report
+from lora_da.solve import solve_batch_modules, solve_with_report
 
 
 def problem(n, m, spread, deficient_rank=None, seed=0):
@@ -179,14 +180,33 @@ def test_batched_equals_unbatched():
         assert sine(together[i], alone[0]) <= 1e-6
 
 
-def test_eigh_helper_matches_torch_and_restores_threads():
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_eigh_helper_matches_torch_and_restores_threads(threads):
+    """The batch is split over worker threads (unequal parts for 5 over 3)."""
     a = torch.randn(5, 40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     a = a + a.transpose(1, 2)
-    threads = torch.get_num_threads()
-    values, vectors = eigh(a)
-    assert torch.get_num_threads() == threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        values, vectors = eigh(a)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
     torch.testing.assert_close(values, torch.linalg.eigvalsh(a), rtol=0, atol=1e-12)
     torch.testing.assert_close(vectors @ torch.diag_embed(values) @ vectors.transpose(1, 2), a, rtol=0, atol=1e-11)
+
+
+def test_consecutive_runs():
+    runs = consecutive_runs(torch.tensor([0, 1, 2, 5, 7, 8]))
+    assert [r.tolist() for r in runs] == [[0, 1, 2], [5], [7, 8]]
+    assert [r.tolist() for r in consecutive_runs(torch.tensor([4]))] == [[4]]
+
+
+def test_cpu_batches_keep_the_widest_block_within_the_mmap_threshold():
+    most = solve_batch_modules(torch.device("cpu"), 1024, 72)
+    assert most == 18 and 8 * 1024 * 3 * 72 * most <= 32 * 2**20 < 8 * 1024 * 3 * 72 * (most + 1)
+    assert solve_batch_modules(torch.device("cpu"), 10**6, 100) == 1
+    assert solve_batch_modules(torch.device("cuda"), 1024, 72) is None
 
 
 def test_mixed_precision_keeps_the_operator_in_range():
@@ -224,13 +244,17 @@ def test_modules_sharing_an_input_equal_private_copies():
     torch.testing.assert_close(shared.select(keep).omega(x[keep]), private.omega(x)[keep], rtol=1e-12, atol=0)
 
 
-def test_batches_bounded_in_memory_give_the_same_factors(monkeypatch):
+@pytest.mark.parametrize("limit", ["bytes", "modules"])
+def test_batches_bounded_in_memory_give_the_same_factors(monkeypatch, limit):
     import sys
 
     stats = lora_da.collect_statistics(tiny_llama(seed=6), random_batches([4, 4, 4, 4], seed=7), progress=False)
     cfg = lora_da.LoraDAConfig(rank=4, damping=1e-4, population_size=50, solver="randomized")
     whole, whole_report = solve_with_report(stats, cfg, progress=False)
-    monkeypatch.setattr(sys.modules["lora_da.solve"], "solve_batch_bytes", lambda device: 1)  # one module per batch
+    if limit == "bytes":  # one module per batch
+        monkeypatch.setattr(sys.modules["lora_da.solve"], "solve_batch_bytes", lambda device: 1)
+    else:  # two
+        monkeypatch.setattr(sys.modules["lora_da.solve"], "solve_batch_modules", lambda device, n, columns: 2)
     alone, alone_report = solve_with_report(stats, cfg, progress=False)
     assert {k: v["modules"] for k, v in alone_report.items()} == {k: v["modules"] for k, v in whole_report.items()}
     for name in whole:
