@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import LoraDAConfig, resolve_config
-from .eigensolver import BlockOperator, eigh, smallest_eigenvectors, top_singular_values
+from .eigensolver import BlockOperator, eigh, on_host_threads, smallest_eigenvectors, top_singular_values
 from .statistics import Statistics
 
 
@@ -364,6 +364,20 @@ class _BatchedSolver:
             self.inverses[key] = torch.cholesky_inverse(self.cholesky(key))
         return self.inverses[key]
 
+    def prepare(self, keys: Iterable[str]) -> None:
+        """On CPUs, the Cholesky factors and inverses of the inputs ``keys`` side by side on host threads."""
+        missing = [key for key in dict.fromkeys(keys) if key not in self.inverses]
+        if self.stats.device.type != "cpu" or len(missing) < 2:
+            return
+
+        def factor(key):
+            chol, damping = damped_cholesky(self.stats.input_factor(key).double(), self.cfg.damping,
+                                            "/".join(self.stats.inputs[key].modules))
+            return chol, damping, torch.cholesky_inverse(chol)
+
+        for key, (chol, damping, inverse) in zip(missing, on_host_threads(factor, missing)):
+            self.factors[key], self.dampings[key], self.inverses[key] = chol, damping, inverse
+
     def release(self, key: str) -> None:
         """Forget the factors of an input no module still to be solved reads."""
         self.inverses.pop(key, None)
@@ -375,6 +389,7 @@ class _BatchedSolver:
         stats, cfg = self.stats, self.cfg
         keys = [stats.modules[name].input_key for name in names]
         distinct = list(dict.fromkeys(keys))
+        self.prepare(distinct)
         d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping) for name in names])
         op = BlockOperator(
             gradient=_stacked([lambda name=name: stats.gradient(name) for name in names], torch.float64),
