@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lora_da  # noqa: E402
+from lora_da import eigensolver  # noqa: E402
 from lora_da.solve import input_choleskys, natural_gradient, solve_with_report  # noqa: E402
 from lora_da.statistics import InputStatistics, ModuleStatistics, Statistics  # noqa: E402
 
@@ -129,10 +130,11 @@ def smollm2_statistics(layers=(0, 10, 20, 29), reviews: int = 64) -> Statistics:
     return lora_da.collect_statistics(model, batches, target_modules=targets, population_size=480, progress=False)
 
 
-def run_randomized_only(stats, ranks, say, save):
+def run_randomized_only(stats, ranks, say, save, compare_small_eigh: bool = False):
     """All modules in one ``solve`` call per rank, twice (the first includes kernel compilation
     and allocator warm-up): wall seconds, iterations and largest final residual per shape;
-    ``save(records)`` after each rank."""
+    ``save(records)`` after each rank. ``compare_small_eigh``: one more warm solve with the small
+    projected eigenproblems left on the GPU (LORA_DA_SMALL_EIGH=device), side by side."""
     records = []
     for rank in ranks:
         cfg = lora_da.LoraDAConfig(rank=rank)
@@ -144,6 +146,16 @@ def run_randomized_only(stats, ranks, say, save):
         row["max_residual"] = max(entry["residual"] for entry in report.values())
         say(f"r={rank:<3} {len(stats.modules)} modules, randomized: {row['seconds'][0]:.2f} s cold, "
             f"{row['seconds'][1]:.2f} s warm, iterations <= {row['iterations']}, residual <= {row['max_residual']:.1e}")
+        if compare_small_eigh:
+            host = eigensolver.HOST_EIGH_ON_CUDA
+            eigensolver.HOST_EIGH_ON_CUDA = False
+            try:
+                _, row["seconds_small_eigh_on_device"] = timed(
+                    lambda: solve_with_report(stats, cfg, solver="randomized", progress=False))
+            finally:
+                eigensolver.HOST_EIGH_ON_CUDA = host
+            say(f"r={rank:<3} small eigenproblems on the device instead of the host: "
+                f"{row['seconds_small_eigh_on_device']:.2f} s warm")
         records.append(row)
         save(records)
     return records
@@ -218,6 +230,8 @@ def main(argv=None):
     parser.add_argument("--no-lobpcg", action="store_true", help="skip the torch.lobpcg baseline")
     parser.add_argument("--randomized-only", action="store_true",
                         help="time the batched solver alone on all modules (no exact path, no accuracy)")
+    parser.add_argument("--compare-small-eigh", action="store_true",
+                        help="with --randomized-only: also time the small eigenproblems left on the GPU")
     parser.add_argument("--profile", action="store_true",
                         help="with --randomized-only: profile one more solve at the last rank (profile.txt)")
     args = parser.parse_args(argv)
@@ -247,7 +261,7 @@ def main(argv=None):
                                                           "log": lines}, indent=1))
 
     if args.randomized_only:
-        run_randomized_only(stats, args.ranks, say, save)
+        run_randomized_only(stats, args.ranks, say, save, args.compare_small_eigh)
         if args.profile:
             profile_randomized(stats, args.ranks[-1], out / "profile.txt")
     else:

@@ -9,8 +9,8 @@ the best plain-PyTorch paths: fp32 ``addmm_`` and a bf16 matmul with fp32 output
 inputs cast and masked beforehand, outside the timing). TFLOP/s count useful work only: the
 triangle of Z (n^2 T_counted) and 2 m n T for G. Everything goes to $OUT (default ./outputs):
 gpu_check.json (all figures), gpu_check.txt (this printout), gpu_tests.txt (pytest output),
-eigensolver.json/.txt (the solver: all 224 Llama-2-7B-shaped modules at r = 8 and 64, target <= 5 s)
-and profile.txt (torch.profiler tables of one more solve at r = 64).
+eigensolver.json/.txt (the solver: all 224 Llama-2-7B-shaped modules at r = 8 and 64, target <= 5 s,
+and once more with the small projected eigenproblems on the GPU instead of the host) and profile.txt (torch.profiler tables of one more solve at r = 64).
 """
 from __future__ import annotations
 
@@ -211,13 +211,14 @@ def targets(records: list, peak: float, say) -> dict:
 def solver_benchmark(out: Path, say, smoke: bool) -> dict:
     """benchmarks/eigensolver.py --randomized-only on the 224 Llama-2-7B-shaped modules (tiny
     shapes with --smoke): the batched solver's wall seconds per rank, cold and warm."""
-    shape = ["--hidden", "48", "--mlp", "80", "--layers", "2", "--ranks", "2"] if smoke else ["--llama-7b", "--ranks", "8", "64", "--profile"]
+    shape = (["--hidden", "48", "--mlp", "80", "--layers", "2", "--ranks", "2"] if smoke
+             else ["--llama-7b", "--ranks", "8", "64", "--profile"])
     env = {**os.environ, "OUT": str(out)}
     if smoke:  # on CPU like the rest of the smoke run (the Triton interpreter cannot take CUDA tensors)
         env["CUDA_VISIBLE_DEVICES"] = ""
     with (out / "eigensolver.txt").open("w") as log:  # written as it runs: kept if the run is cut short
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eigensolver.py"), *shape,
-                               "--randomized-only"], cwd=ROOT, env=env,
+                               "--randomized-only", "--compare-small-eigh"], cwd=ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT, text=True)
     for line in (out / "eigensolver.txt").read_text().splitlines():
         say(line)

@@ -22,4 +22,5 @@ def test_gpu_check_smoke(tmp_path):
     assert solver["returncode"] == 0
     (row,) = solver["records"]
     assert row["rank"] == 2 and row["modules"] == 14 and len(row["seconds"]) == 2
+    assert row["seconds_small_eigh_on_device"] > 0
     assert 0 < row["max_residual"] <= 1e-7
