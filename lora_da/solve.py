@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import LoraDAConfig, resolve_config
-from .eigensolver import BlockOperator, eigh, on_host_threads, smallest_eigenvectors, top_singular_values
+from .eigensolver import BlockOperator, eigh, on_host_threads, on_one_thread, smallest_eigenvectors, top_singular_values
 from .statistics import Statistics
 
 
@@ -57,11 +57,16 @@ def check_ranks(shapes: Mapping[str, Tuple[int, int]], ranks: Mapping[str, int])
         raise ValueError(f"rank larger than min(out_features, in_features) for: {', '.join(bad)}")
 
 
-def damped_cholesky(z: torch.Tensor, damping: float, what: str) -> Tuple[torch.Tensor, float]:
-    """Lower Cholesky factor L of Z + damping*I [n, n], retrying with 10x damping on failure."""
+def damped_cholesky(z: torch.Tensor, damping: float, what: str,
+                    out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, float]:
+    """Lower Cholesky factor L of Z + damping*I [n, n] (written into ``out`` when given),
+    retrying with 10x damping on failure."""
     eye = torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
     for attempt in range(MAX_DAMPING_RETRIES + 1):
-        factor, info = torch.linalg.cholesky_ex(z + damping * eye)
+        if out is None:
+            factor, info = torch.linalg.cholesky_ex(z + damping * eye)
+        else:
+            factor, info = torch.linalg.cholesky_ex(z + damping * eye, out=(out, torch.empty((), dtype=torch.int32)))
         if int(info) == 0:
             return factor, damping
         if attempt < MAX_DAMPING_RETRIES:
@@ -346,9 +351,10 @@ class _BatchedSolver:
 
     def cholesky(self, key: str) -> torch.Tensor:
         """Lower Cholesky factor L [n, n] of the input ``key``'s Zd = Z + damping I."""
-        if key not in self.factors:
-            self.factors[key], self.dampings[key] = damped_cholesky(
-                self.stats.input_factor(key).double(), self.cfg.damping, "/".join(self.stats.inputs[key].modules))
+        if key not in self.factors:  # one-threaded, as in ``prepare``: the same bits either way
+            self.factors[key], self.dampings[key] = on_one_thread(
+                lambda z: damped_cholesky(z, self.cfg.damping, "/".join(self.stats.inputs[key].modules)),
+                self.stats.input_factor(key).double())
         return self.factors[key]
 
     def damped(self, key: str) -> torch.Tensor:
@@ -361,22 +367,26 @@ class _BatchedSolver:
     def inverse(self, key: str) -> torch.Tensor:
         """Zd^-1 [n, n] of the input ``key``."""
         if key not in self.inverses:
-            self.inverses[key] = torch.cholesky_inverse(self.cholesky(key))
+            self.inverses[key] = on_one_thread(torch.cholesky_inverse, self.cholesky(key))
         return self.inverses[key]
 
     def prepare(self, keys: Iterable[str]) -> None:
-        """On CPUs, the Cholesky factors and inverses of the inputs ``keys`` side by side on host threads."""
+        """On CPUs, the Cholesky factors and inverses of the inputs ``keys`` side by side on host
+        threads, written into tensors made here (see ``eigensolver._host_eigh``)."""
         missing = [key for key in dict.fromkeys(keys) if key not in self.inverses]
         if self.stats.device.type != "cpu" or len(missing) < 2:
             return
+        for key in missing:
+            n = self.stats.inputs[key].z_sum.shape[0]
+            self.factors[key], self.inverses[key] = (torch.empty(n, n, dtype=torch.float64) for _ in range(2))
 
         def factor(key):
-            chol, damping = damped_cholesky(self.stats.input_factor(key).double(), self.cfg.damping,
-                                            "/".join(self.stats.inputs[key].modules))
-            return chol, damping, torch.cholesky_inverse(chol)
+            _, damping = damped_cholesky(self.stats.input_factor(key).double(), self.cfg.damping,
+                                         "/".join(self.stats.inputs[key].modules), out=self.factors[key])
+            torch.cholesky_inverse(self.factors[key], out=self.inverses[key])
+            return damping
 
-        for key, (chol, damping, inverse) in zip(missing, on_host_threads(factor, missing)):
-            self.factors[key], self.dampings[key], self.inverses[key] = chol, damping, inverse
+        self.dampings.update(zip(missing, on_host_threads(factor, missing)))
 
     def release(self, key: str) -> None:
         """Forget the factors of an input no module still to be solved reads."""

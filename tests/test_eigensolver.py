@@ -261,3 +261,28 @@ def test_batches_bounded_in_memory_give_the_same_factors(monkeypatch, limit):
         want = whole[name].lora_B @ whole[name].lora_A
         got = alone[name].lora_B @ alone[name].lora_A
         assert float((got - want).norm() / want.norm()) <= 1e-5, name
+
+
+def test_factors_made_on_host_threads_equal_those_made_one_at_a_time():
+    """``prepare`` (Cholesky factors and inverses side by side on host threads, with a damping
+    retry warned from a worker thread) against the lazy path, input by input."""
+    import copy
+
+    from lora_da.solve import _BatchedSolver
+
+    stats = copy.deepcopy(lora_da.collect_statistics(tiny_llama(seed=6), random_batches([4, 4], seed=7),
+                                                     progress=False))
+    keys = list(stats.inputs)
+    entry = stats.inputs[keys[1]]
+    entry.z_sum[0, 0] = -entry.num_tokens  # Z[0, 0] = -1: positive definite only at damping > 1
+    cfg = lora_da.LoraDAConfig(rank=4, damping=1e-4, population_size=50)
+    together, alone = _BatchedSolver(stats, cfg, 50), _BatchedSolver(stats, cfg, 50)
+    with pytest.warns(RuntimeWarning, match="retrying"):
+        together.prepare(keys)
+    with pytest.warns(RuntimeWarning, match="retrying"):
+        for key in keys:
+            alone.inverse(key)
+    assert together.dampings == alone.dampings and together.dampings[keys[1]] > 1.0
+    for key in keys:
+        assert torch.equal(together.factors[key], alone.factors[key])
+        assert torch.equal(together.inverses[key], alone.inverses[key])
