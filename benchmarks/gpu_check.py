@@ -10,7 +10,8 @@ inputs cast and masked beforehand, outside the timing). TFLOP/s count useful wor
 triangle of Z (n^2 T_counted) and 2 m n T for G. Everything goes to $OUT (default ./outputs):
 gpu_check.json (all figures), gpu_check.txt (this printout), gpu_tests.txt (pytest output),
 eigensolver.json/.txt (the solver: all 224 Llama-2-7B-shaped modules at r = 8 and 64, target <= 5 s,
-and once more with the small projected eigenproblems on the GPU instead of the host) and profile.txt (torch.profiler tables of one more solve at r = 64).
+and once more with the small projected eigenproblems on the GPU instead of the host) and
+profile.txt (torch.profiler tables of one more solve at r = 64).
 """
 from __future__ import annotations
 
