@@ -63,10 +63,8 @@ def damped_cholesky(z: torch.Tensor, damping: float, what: str,
     retrying with 10x damping on failure."""
     eye = torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
     for attempt in range(MAX_DAMPING_RETRIES + 1):
-        if out is None:
-            factor, info = torch.linalg.cholesky_ex(z + damping * eye)
-        else:
-            factor, info = torch.linalg.cholesky_ex(z + damping * eye, out=(out, torch.empty((), dtype=torch.int32)))
+        outputs = None if out is None else (out, torch.empty((), dtype=torch.int32))
+        factor, info = torch.linalg.cholesky_ex(z + damping * eye, out=outputs)
         if int(info) == 0:
             return factor, damping
         if attempt < MAX_DAMPING_RETRIES:
