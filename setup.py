@@ -12,7 +12,7 @@ import sys
 from setuptools import setup
 
 REQUIRE_CUDA = os.environ.get("LORA_DA_REQUIRE_CUDA", "0") == "1"
-SOURCES = ["csrc/ops.cpp", "csrc/axpy.cu", "csrc/fisher.cu"]
+SOURCES = ["csrc/ops.cpp", "csrc/fisher.cu"]
 VERSIONED_LIBS = ("cublas", "cusolver")
 
 

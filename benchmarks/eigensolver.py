@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lora_da  # noqa: E402
-from lora_da import eigensolver  # noqa: E402
-from lora_da.solve import input_choleskys, natural_gradient, solve_with_report  # noqa: E402
+from lora_da.solve import InputFactors, natural_gradient  # noqa: E402
 from lora_da.statistics import InputStatistics, ModuleStatistics, Statistics  # noqa: E402
 
 TYPES = {  # module -> (input group, out features key, in features key)
@@ -95,13 +94,14 @@ def shape_of(stats, name):
 
 def lobpcg_10(stats, cfg, names):
     """The authors' setting: explicit Omega per module, 10 torch.lobpcg iterations."""
-    chol = input_choleskys(stats, cfg.damping)
+    inputs = InputFactors(stats, cfg.damping, stats.device)
     out = {}
     gen = torch.Generator().manual_seed(cfg.seed)
     for name in names:
-        ng = natural_gradient(stats, name, chol[stats.modules[name].input_key], cfg)
+        key = stats.modules[name].input_key
+        ng = natural_gradient(stats, name, inputs.cholesky(key), cfg)
         c = ng.variance_coefficient(cfg, stats.population_size)
-        omega = -cfg.bias_weight * ng.delta_hat.T @ ng.delta_hat + c * torch.cholesky_inverse(ng.chol)
+        omega = -cfg.bias_weight * ng.delta_hat.T @ ng.delta_hat + c * inputs.inverse(key)
         x0 = torch.randn(omega.shape[0], cfg.rank, generator=gen, dtype=omega.dtype).to(omega.device)
         _, v = torch.lobpcg(omega, k=cfg.rank, X=x0, niter=10, largest=False)
         out[name] = v
@@ -134,26 +134,22 @@ def run_randomized_only(stats, ranks, say, save, compare_small_eigh: bool = Fals
     """All modules in one ``solve`` call per rank, twice (the first includes kernel compilation
     and allocator warm-up): wall seconds, iterations and largest final residual per shape;
     ``save(records)`` after each rank. ``compare_small_eigh``: one more warm solve with the small
-    projected eigenproblems left on the GPU (LORA_DA_SMALL_EIGH=device), side by side."""
+    projected eigenproblems left on the GPU (``solver_small_eigh="device"``), side by side."""
     records = []
     for rank in ranks:
         cfg = lora_da.LoraDAConfig(rank=rank)
         row = {"rank": rank, "modules": len(stats.modules), "seconds": []}
         for _ in range(2):
-            (_, report), seconds = timed(lambda: solve_with_report(stats, cfg, solver="randomized", progress=False))
+            factors, seconds = timed(lambda: lora_da.solve(stats, cfg, solver="randomized", progress=False))
+            report = factors.report
             row["seconds"].append(seconds)
         row["iterations"] = max(entry["iterations"] for entry in report.values())
         row["max_residual"] = max(entry["residual"] for entry in report.values())
         say(f"r={rank:<3} {len(stats.modules)} modules, randomized: {row['seconds'][0]:.2f} s cold, "
             f"{row['seconds'][1]:.2f} s warm, iterations <= {row['iterations']}, residual <= {row['max_residual']:.1e}")
         if compare_small_eigh:
-            host = eigensolver.HOST_EIGH_ON_CUDA
-            eigensolver.HOST_EIGH_ON_CUDA = False
-            try:
-                _, row["seconds_small_eigh_on_device"] = timed(
-                    lambda: solve_with_report(stats, cfg, solver="randomized", progress=False))
-            finally:
-                eigensolver.HOST_EIGH_ON_CUDA = host
+            _, row["seconds_small_eigh_on_device"] = timed(lambda: lora_da.solve(
+                stats, cfg, solver="randomized", solver_small_eigh="device", progress=False))
             say(f"r={rank:<3} small eigenproblems on the device instead of the host: "
                 f"{row['seconds_small_eigh_on_device']:.2f} s warm")
         records.append(row)
@@ -169,7 +165,7 @@ def profile_randomized(stats, rank: int, path: Path) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     cfg = lora_da.LoraDAConfig(rank=rank)
     with profile(activities=activities) as prof:
-        timed(lambda: solve_with_report(stats, cfg, solver="randomized", progress=False))
+        timed(lambda: lora_da.solve(stats, cfg, solver="randomized", progress=False))
     keys = ["self_cpu_time_total"] + (["self_cuda_time_total"] if torch.cuda.is_available() else [])
     averages = prof.key_averages()
     path.write_text("\n".join(f"sorted by {key}:\n" + averages.table(sort_by=key, row_limit=25, max_name_column_width=60)
@@ -188,8 +184,9 @@ def run(stats, ranks, with_lobpcg, say, save):
             sub = Statistics({n: stats.modules[n] for n in names},
                              {stats.modules[n].input_key: stats.inputs[stats.modules[n].input_key] for n in names},
                              1, stats.population_size, "attention", "diagonal")
-            (f_exact, _), t_exact = timed(lambda: solve_with_report(sub, cfg, solver="exact", progress=False))
-            (f_rand, report), t_rand = timed(lambda: solve_with_report(sub, cfg, solver="randomized", progress=False))
+            f_exact, t_exact = timed(lambda: lora_da.solve(sub, cfg, solver="exact", progress=False))
+            f_rand, t_rand = timed(lambda: lora_da.solve(sub, cfg, solver="randomized", progress=False))
+            report = f_rand.report
             entry = {"exact_s": t_exact, "randomized_s": t_rand, "report": report}
             if with_lobpcg:
                 v_lob, t_lob = timed(lambda: lobpcg_10(sub, cfg, names))

@@ -1,9 +1,8 @@
 """Largest relative Frobenius error of B·A against the authors' golden factors, per variant.
 
-    TRITON_INTERPRET=1 python benchmarks/golden_errors.py    # golden folder: LORA_DA_GOLDEN or ../shared/golden
+    TRITON_INTERPRET=1 python benchmarks/golden_errors.py    # golden folder: LORA_DA_GOLDEN or tests/data/golden
 """
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -12,21 +11,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import lora_da  # noqa: E402
+from conftest import TARGETS, golden_batches, golden_dir  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RUNS = [("fp64, torch", torch.float64, {}), ("fp32, torch", torch.float32, {}),
         ("fp32, triton", torch.float32, {"backend": "triton"}), ("fp64, randomized solver", torch.float64,
                                                                   {"solver": "randomized"})]
 
 
 def main():
-    golden = Path(os.environ.get("LORA_DA_GOLDEN", ROOT.parent / "shared" / "golden"))
+    golden = golden_dir()
     manifest = json.loads((golden / "manifest.json").read_text())
-    tensors = load_file(str(golden / "calibration.safetensors"))
-    ids = sorted({key.split(".")[0] for key in tensors})
-    batches = [{k: tensors[f"{i}.{k}"][None] for k in ("input_ids", "attention_mask", "labels")} for i in ids]
+    batches = golden_batches(golden)
     for label, dtype, extra in RUNS:
         errors = []
         for variant, fields in manifest["variants"].items():

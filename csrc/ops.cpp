@@ -7,29 +7,12 @@
 #include <limits>
 #include <optional>
 
-cudaError_t lora_da_axpy_launch(float* y, const float* x, float alpha, int64_t n, cudaStream_t stream);
 cudaError_t lora_da_z_upper_launch(const void* x, int dtype, int64_t stride_xt, const int32_t* order,
                                    const int32_t* count, int64_t n, float* z, int64_t ldz, cudaStream_t stream);
 cudaError_t lora_da_y_update_launch(const void* g, int dtype, int64_t stride_gt, const float* w, int64_t tokens,
                                     int64_t m, float* y, cudaStream_t stream);
 
 namespace {
-
-// y [N] (fp32, CUDA, contiguous) += alpha * x [N]; in place.
-void axpy_cuda(at::Tensor& y, const at::Tensor& x, double alpha) {
-    TORCH_CHECK(y.is_cuda() && x.is_cuda(), "lora_da::axpy_ needs CUDA tensors");
-    TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat, "lora_da::axpy_ takes float32");
-    TORCH_CHECK(y.is_contiguous() && x.is_contiguous(), "lora_da::axpy_ takes contiguous tensors");
-    TORCH_CHECK(y.sizes() == x.sizes(), "lora_da::axpy_: shapes differ ", y.sizes(), " vs ", x.sizes());
-    const cudaError_t status = lora_da_axpy_launch(
-        y.data_ptr<float>(), x.data_ptr<float>(), static_cast<float>(alpha), y.numel(),
-        at::cuda::getCurrentCUDAStream(y.get_device()).stream());
-    TORCH_CHECK(status == cudaSuccess, "lora_da::axpy_ launch failed: ", cudaGetErrorString(status));
-}
-
-void axpy_meta(at::Tensor& y, const at::Tensor& x, double alpha) {
-    TORCH_CHECK(y.sizes() == x.sizes(), "lora_da::axpy_: shapes differ ", y.sizes(), " vs ", x.sizes());
-}
 
 int dtype_code(at::ScalarType t) {
     switch (t) {
@@ -122,17 +105,14 @@ void fisher_update_meta(const at::Tensor& x, const at::Tensor& mask, at::TensorL
 }  // namespace
 
 TORCH_LIBRARY(lora_da, m) {
-    m.def("axpy_(Tensor(a!) y, Tensor x, float alpha) -> ()");
     m.def("fisher_update_(Tensor x, Tensor mask, Tensor[] grads, Tensor(a!)? z, Tensor(b!)[] gs, Tensor(c!)[] ys) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lora_da, CUDA, m) {
-    m.impl("axpy_", &axpy_cuda);
     m.impl("fisher_update_", &fisher_update_cuda);
 }
 
 TORCH_LIBRARY_IMPL(lora_da, Meta, m) {
-    m.impl("axpy_", &axpy_meta);
     m.impl("fisher_update_", &fisher_update_meta);
 }
 

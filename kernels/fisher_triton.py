@@ -6,8 +6,8 @@ Two kernels per call:
   * ``_g_kernel``: G_k += Gout_k^T X over every token, with y_k += sum_t M_t Gout_k[t]^2 fused
     into the programs of the first column of tiles.
 Accumulation is fp32; fp32 inputs use IEEE products (no TF32). Under ``TRITON_INTERPRET=1`` tiles
-are cast to fp32 after loading (the interpreter computes bf16 wrongly) and a CPU timer drives the
-autotuner.
+are cast to fp32 after loading (the interpreter computes bf16 wrongly), and each call runs one
+config (``triton_setup.tile_prune``: the GPU's tiles on problems that span two of them).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .reference import write_sequence_sums
-from .triton_setup import AUTOTUNE_EXTRA, INTERPRET, configs
+from .triton_setup import AUTOTUNE_EXTRA, INTERPRET, configs, tile_prune
 
 _Z_CONFIGS = configs(
     [
@@ -57,7 +57,8 @@ def _tile_pair(pid, num_tiles):
     return i, i + (pid - start)
 
 
-@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY"], restore_value=["z_ptr"], **AUTOTUNE_EXTRA)
+@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY"], restore_value=["z_ptr"],
+                 prune_configs_by=tile_prune({"BLOCK_N": "n"}), **AUTOTUNE_EXTRA)
 @triton.jit
 def _z_upper_kernel(x_ptr, order_ptr, count_ptr, z_ptr, n, stride_xt, stride_zn, DTYPE_KEY,
                     IEEE: tl.constexpr, CAST_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -85,7 +86,8 @@ def _z_upper_kernel(x_ptr, order_ptr, count_ptr, z_ptr, n, stride_xt, stride_zn,
     tl.store(z_ptrs, tl.load(z_ptrs, mask=inside, other=0.0) + acc, mask=inside)
 
 
-@triton.autotune(configs=_G_CONFIGS, key=["m", "n", "DTYPE_KEY"], restore_value=["g_ptr", "y_ptr"], **AUTOTUNE_EXTRA)
+@triton.autotune(configs=_G_CONFIGS, key=["m", "n", "DTYPE_KEY"], restore_value=["g_ptr", "y_ptr"],
+                 prune_configs_by=tile_prune({"BLOCK_M": "m", "BLOCK_N": "n"}), **AUTOTUNE_EXTRA)
 @triton.jit
 def _g_kernel(x_ptr, grad_ptr, mask_ptr, g_ptr, y_ptr, tokens, m, n, stride_xt, stride_gt, stride_gm, DTYPE_KEY,
               IEEE: tl.constexpr, CAST_F32: tl.constexpr,

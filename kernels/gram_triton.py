@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_setup import AUTOTUNE_EXTRA, configs
+from .triton_setup import AUTOTUNE_EXTRA, configs, tile_prune
 
 ROWS_PER_SLICE = 256  # rows reduced by one program before its partial tile is written
 
@@ -30,7 +30,8 @@ _CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_CONFIGS, key=["p", "q", "rows"], **AUTOTUNE_EXTRA)
+@triton.autotune(configs=_CONFIGS, key=["p", "q", "rows"], prune_configs_by=tile_prune({"BLOCK_P": "p", "BLOCK_Q": "q"}),
+                 **AUTOTUNE_EXTRA)
 @triton.jit
 def _inner_kernel(a_ptr, b_ptr, part_ptr, n, p, q, rows,
                   stride_ab, stride_an, stride_ap, stride_bb, stride_bn, stride_bq,

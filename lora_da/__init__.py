@@ -22,7 +22,7 @@ _map_source_kernels()
 from .collect import collect_statistics
 from .config import LoraDAConfig
 from .initialize import InitReport, initialize
-from .solve import LoraFactors, solve, solve_sweep
+from .solve import Factors, LoraFactors, solve, solve_sweep
 from .statistics import InputStatistics, ModuleStatistics, Statistics
 
 __version__ = "0.1.0"
@@ -33,6 +33,7 @@ __all__ = [
     "InputStatistics",
     "ModuleStatistics",
     "LoraFactors",
+    "Factors",
     "InitReport",
     "collect_statistics",
     "solve",

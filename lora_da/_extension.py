@@ -31,14 +31,6 @@ def ops():
     return torch.ops.lora_da
 
 
-def axpy_(y: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """y [N] += alpha * x [N] on the GPU (fp32): the build's end-to-end check."""
-    if y.device.type not in ("cuda", "meta"):
-        raise RuntimeError(f"lora_da._C ops run on CUDA tensors; got a tensor on {y.device}")
-    ops().axpy_(y, x, alpha)
-    return y
-
-
 def fisher_update(
     x: torch.Tensor,
     mask: torch.Tensor,

@@ -5,9 +5,9 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -45,7 +45,9 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
 
 
 def batch_size(batch) -> int:
-    """Number of sequences in ``batch`` (dim 0 of its first tensor)."""
+    """Number of sequences in ``batch``: dim 0 of its first tensor (an ``input_ids``-like key first
+    in a dict, then its values; the fields of a dataclass; the items of a list or tuple), else
+    ``len(batch)`` for other objects that define it, else dim 0 of the first tensor they yield."""
     if isinstance(batch, torch.Tensor):
         return batch.shape[0]
     if isinstance(batch, Mapping):
@@ -53,12 +55,22 @@ def batch_size(batch) -> int:
             if isinstance(batch.get(key), torch.Tensor):
                 return batch[key].shape[0]
         values = batch.values()
-    else:
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        values = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    elif isinstance(batch, (list, tuple)):
         values = batch
+    elif hasattr(batch, "__len__"):
+        return len(batch)
+    elif isinstance(batch, Iterable):
+        values = batch
+    else:
+        values = ()
     for value in values:
         if isinstance(value, torch.Tensor):
             return value.shape[0]
-    raise ValueError(f"cannot tell the batch size of a {type(batch).__name__} without tensors")
+    raise ValueError(f"cannot tell the batch size of a {type(batch).__name__}: yield dicts, lists, tuples or "
+                     "dataclasses of tensors whose first dimension is the sequence, or objects whose len() is "
+                     "their number of sequences")
 
 
 def token_mask(batch, kind: str) -> Optional[torch.Tensor]:
@@ -78,22 +90,55 @@ def token_mask(batch, kind: str) -> Optional[torch.Tensor]:
     return mask
 
 
-def _to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def map_batch(batch, leaf: Callable):
+    """``batch`` rebuilt with its own container types (dicts, ``BatchEncoding`` and other
+    mappings, lists, tuples, namedtuples, dataclasses) and ``leaf(value)`` in place of every
+    value that is not one: tensors, plain values, lists or tuples of plain values, other objects."""
     if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
+        items = {k: map_batch(v, leaf) for k, v in batch.items()}
+        if type(batch) is dict:
+            return items
+        try:
+            return type(batch)(items)
+        except TypeError:  # a mapping type that cannot be built from a dict: any mapping unpacks as **batch
+            return items
+    if isinstance(batch, (list, tuple)) and not all(isinstance(v, _PLAIN) for v in batch):
+        items = [map_batch(v, leaf) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: map_batch(getattr(batch, f.name), leaf)
+                                             for f in dataclasses.fields(batch) if f.init})
+    return leaf(batch)
 
 
-def _truncate(batch, keep: int):
-    """The first ``keep`` sequences of a dict batch."""
-    size = batch_size(batch)
-    if not isinstance(batch, Mapping):
-        return batch
-    return {k: (v[:keep] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v) for k, v in batch.items()}
+def to_device(batch, device: torch.device):
+    """``batch`` with every tensor moved to ``device``."""
+    return map_batch(batch, lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
+
+
+def truncate(batch, size: int, keep: int):
+    """The first ``keep`` of the ``size`` sequences of ``batch`` (see ``map_batch`` for the
+    containers): tensors whose dim 0 is ``size`` are sliced, and so are lists and tuples of
+    ``size`` plain values (one per sequence); other tensors and plain values stay whole.
+    ValueError for any other object, which may hold sequences lora_da cannot find."""
+
+    def cut(value):
+        if isinstance(value, torch.Tensor):
+            return value[:keep] if value.dim() and value.shape[0] == size else value
+        if isinstance(value, (list, tuple)):
+            return value[:keep] if len(value) == size else value
+        if isinstance(value, _PLAIN):
+            return value
+        raise ValueError(
+            f"num_samples needs the first sequences of each batch, and lora_da cannot cut a {type(value).__name__}: "
+            "yield dicts, lists, tuples or dataclasses of tensors, or stop the loader yourself and leave "
+            "num_samples=None"
+        )
+
+    return map_batch(batch, cut)
 
 
 @contextlib.contextmanager
@@ -383,9 +428,9 @@ def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets
                        disable=not progress or not distributed.is_main_process())
             for index, batch in enumerate(bar):
                 size = batch_size(batch)
-                if cfg.num_samples is not None and seen + size > cfg.num_samples:
-                    size = cfg.num_samples - seen
-                    batch = _truncate(batch, size)
+                if cfg.num_samples is not None:  # every batch: a type that cannot be cut fails at the first
+                    keep = min(size, cfg.num_samples - seen)
+                    batch, size = truncate(batch, size, keep), keep
                 seen += size
                 if not by_index or distributed.owns_batch(index, place):
                     _collect_batch(model, batch, index, size, device, collector, loss_fn)
@@ -421,7 +466,7 @@ def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets
 def _collect_batch(model: nn.Module, batch, index: int, size: int, device: torch.device, collector: _Collector,
                    loss_fn: LossFn) -> None:
     """Forward and backward of one batch with the hooks on."""
-    batch = _to_device(batch, device)
+    batch = to_device(batch, device)
     collector.start_batch(batch, size)
     loss = loss_fn(model, batch)
     if loss.dim() != 0:

@@ -9,6 +9,7 @@ TOKEN_MASKS = ("attention", "labels", "all")
 OUTPUT_FISHERS = ("diagonal", "sequence_lowrank")
 SOLVERS = ("auto", "exact", "randomized")
 BACKENDS = ("auto", "torch", "triton", "cuda")
+SMALL_EIGH_PLACES = ("host", "device")
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,9 @@ class LoraDAConfig:
     Paper symbols: ``rank`` = r, ``bias_weight`` = alpha, ``variance_weight`` = beta,
     ``damping`` = lambda, ``gamma`` = gamma, ``population_size`` = N. ``solver_mixed_precision``:
     the randomized solver applies Omega to its search directions in fp32 and checks convergence in
-    fp64 (False: fp64 throughout).
+    fp64 (False: fp64 throughout). ``solver_small_eigh``: on GPUs, where the solvers' small
+    eigenproblems above 32 x 32 run: ``host`` threads (torch's CUDA eigh solves a batch of them
+    one matrix at a time) or the ``device``.
     """
 
     rank: int = 8
@@ -37,6 +40,7 @@ class LoraDAConfig:
     solver_max_iterations: int = 200
     solver_oversampling: int = 8
     solver_mixed_precision: bool = True
+    solver_small_eigh: str = "host"
     backend: str = "auto"
     seed: int = 0
 
@@ -47,6 +51,7 @@ class LoraDAConfig:
         _check_choice("output_fisher", self.output_fisher, OUTPUT_FISHERS)
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("solver_small_eigh", self.solver_small_eigh, SMALL_EIGH_PLACES)
         if not (isinstance(self.rank, int) and self.rank >= 1):
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if self.bias_weight < 0 or self.variance_weight < 0:

@@ -144,7 +144,7 @@ def _register_builtin() -> None:
     from .kernels import reference
 
     register("fisher_update", "torch", reference.fisher_update, priority=0)
-    # Triton first: on an H200 it ran the op at 45-52% of bf16 peak, the extension at 5-20% (RESULTS.md)
+    # Triton first: faster than the extension on an H200 (RESULTS.md, "GPU")
     register("fisher_update", "triton", lazy("lora_da.kernels.fisher_triton", "fisher_update"), triton_check,
              priority=2, auto_devices=("cuda",))
     register("fisher_update", "cuda", lazy("lora_da._extension", "fisher_update"), cuda_check,

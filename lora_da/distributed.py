@@ -44,15 +44,35 @@ def owns_batch(index: int, place: Tuple[int, int]) -> bool:
     return index % size == rank
 
 
-def agree_on_failure(error: Optional[BaseException], device: torch.device) -> None:
-    """Every rank calls this after its local pass: if any rank failed, all raise (instead of the
-    healthy ones waiting forever in the reduction), the failed rank with its own error."""
+def agree_on_failure(error: Optional[BaseException], device: torch.device, during: str = "collection") -> None:
+    """Every rank calls this after its local work (``during``: what it was): if any rank failed,
+    all raise (instead of the healthy ones waiting forever in the next collective), the failed
+    rank with its own error."""
     flag = torch.tensor([0.0 if error is None else 1.0], device=device)
     torch.distributed.all_reduce(flag)
     if error is not None:
         raise error
     if flag.item() > 0:
-        raise RuntimeError(f"lora_da: {int(flag.item())} other rank(s) failed during collection; see their errors")
+        raise RuntimeError(f"lora_da: {int(flag.item())} other rank(s) failed during {during}; see their errors")
+
+
+def merge_reports(report: Dict[str, dict]) -> Dict[str, dict]:
+    """The solver reports of every rank's share as one (see ``solve.Factors``): module counts
+    add, iterations and residuals take the largest, unconverged modules are pooled."""
+    reports: List[Optional[Dict[str, dict]]] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(reports, report)
+    merged: Dict[str, dict] = {}
+    for part in reports:
+        for shape, info in part.items():
+            into = merged.setdefault(shape, {"solver": info["solver"], "modules": 0, "converged": True})
+            into["modules"] += info["modules"]
+            into["converged"] = into["converged"] and info["converged"]
+            for key, value in info.items():
+                if isinstance(value, dict):
+                    into.setdefault(key, {}).update(value)
+                elif key not in ("solver", "modules", "converged"):
+                    into[key] = max(value, into.get(key, value))
+    return merged
 
 
 def reduce_statistics(stats: Statistics) -> None:

@@ -5,25 +5,26 @@ For each module b the solver finds the r eigenvectors with the smallest eigenval
     Omega'_b = -alpha Delta_b^T Delta_b + c'_b Zd_b^-1,   Delta_b = -diag(d_b) G_b Zd_b^-1,
 
 (Omega' = sigma^2 Omega: the same eigenvectors, and sigma is not needed to find them). Omega' is
-only ever applied to blocks: Omega' X = Zd^-1 (alpha G^T (d * Delta X) + c' X), two solves with
-the Cholesky factor L of Zd (as products with the triangular inverse L^-1, computed once per
-distinct input: matmuls run far faster than triangular solves on CPUs and GPUs alike) and two
-skinny matmuls with G. Modules of one shape are stacked into 3-D tensors [b, ...] and iterate
-together; each stops on its own residual, checked every few iterations (one host synchronisation
-per check), and converged modules leave the batch.
+only ever applied to blocks: Omega' X = Zd^-1 (alpha G^T (d * Delta X) + c' X), two products with
+the explicit inverse Zd^-1 (formed once per distinct input from its Cholesky factor, shared by
+the modules that read that input: one matmul each, where triangular solves with the factor run
+several times slower on CPUs and GPUs alike) and two skinny matmuls with G. Modules of one shape
+are stacked into 3-D tensors [b, ...] and iterate together; each stops on its own residual,
+checked every few iterations (one host synchronisation per check), and converged modules leave
+the batch.
 
 The search space of each iteration is [X, R, P] (Ritz vectors, residuals, previous direction),
 plus Zd R (residuals preconditioned by Zd) when the variance term reaches the scale of the bias
 term (c' max diag(Zd^-1) >= 0.1 alpha sigma^2): R alone converges fast when c' Zd^-1 is a small
-perturbation, Zd R when it dominates the spectrum. Bases are orthonormalised by SVQB on an fp64 Gram
-matrix (rank-deficient directions are dropped by giving them an infinite Rayleigh quotient), and
-the projected problems are solved in fp64. With a ``working`` operator in fp32 (mixed precision),
+perturbation, Zd R when it dominates the spectrum. Converged columns are locked: R and P keep only
+the columns still above the tolerance. Bases are orthonormalised by SVQB on an fp64 Gram matrix
+(rank-deficient directions are dropped by giving them an infinite Rayleigh quotient), and the
+projected problems are solved in fp64. With a ``working`` operator in fp32 (mixed precision),
 Omega' is applied in fp32 to the new search directions only; everything carried from one
 iteration to the next stays in fp64 (see ``smallest_eigenvectors``).
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -33,9 +34,8 @@ import torch
 from . import dispatch
 
 STAGNATION_CHECKS = 10  # mixed precision: full precision once a refreshed module stalls for this many checks
-SINGLE_THREAD_EIGH_MAX_N = 1024  # measured: CPU eigh up to this size runs faster on one thread
+SINGLE_THREAD_EIGH_MAX_N = 1024  # CPU eigh up to this size runs faster one-threaded (RESULTS.md, "Eigensolver (CPU)")
 CUDA_BATCHED_EIGH_MAX_N = 32  # torch's CUDA eigh runs a batch as one call up to this size, one matrix at a time above
-HOST_EIGH_ON_CUDA = os.environ.get("LORA_DA_SMALL_EIGH", "host") == "host"  # "device": keep them on the GPU
 
 _host_pool: Optional[ThreadPoolExecutor] = None  # made on first use, grown when more threads are wanted
 _host_pool_size = 0
@@ -53,9 +53,8 @@ def on_one_thread(fn: Callable, item):
 
 def on_host_threads(fn: Callable, items: Sequence) -> list:
     """[fn(item) for item in items], side by side on up to torch.get_num_threads() host threads
-    that each run one-threaded ops. LAPACK on matrices up to ~1000 runs several times faster so
-    than multi-threaded (two cores: 32 eigh of 216 x 216 in 0.08 s against 0.67 s, four Cholesky
-    inverses of 1024 x 1024 in 0.07 s against 0.21 s)."""
+    that each run one-threaded ops: LAPACK on matrices up to ~1000 runs several times faster so
+    than multi-threaded (RESULTS.md, "Eigensolver (CPU)")."""
     global _host_pool, _host_pool_size
     workers = min(torch.get_num_threads(), len(items))
     if workers <= 1:
@@ -78,19 +77,19 @@ def _host_eigh(a: torch.Tensor):
     return values, vectors
 
 
-def eigh(a: torch.Tensor):
+def eigh(a: torch.Tensor, on_host: bool = True):
     """(eigenvalues, eigenvectors) of symmetric [..., n, n], as torch.linalg.eigh.
 
     For n <= SINGLE_THREAD_EIGH_MAX_N a host batch is split over ``on_host_threads``. torch's CUDA
-    eigh loops over a batch above CUDA_BATCHED_EIGH_MAX_N (one cuSOLVER syevd per matrix), so such
-    batches go to the host and back unless LORA_DA_SMALL_EIGH=device.
+    eigh loops over a batch above CUDA_BATCHED_EIGH_MAX_N (one cuSOLVER syevd per matrix), so
+    with ``on_host`` such batches go to the host and back (the config's ``solver_small_eigh``).
     """
     n = a.shape[-1]
     if n > SINGLE_THREAD_EIGH_MAX_N:
         return torch.linalg.eigh(a)
     if a.device.type == "cpu":
         return _host_eigh(a)
-    if a.device.type == "cuda" and HOST_EIGH_ON_CUDA and n > CUDA_BATCHED_EIGH_MAX_N:
+    if a.device.type == "cuda" and on_host and n > CUDA_BATCHED_EIGH_MAX_N:
         values, vectors = _host_eigh(a.cpu())
         return values.to(a.device, non_blocking=True), vectors.to(a.device, non_blocking=True)
     return torch.linalg.eigh(a)
@@ -201,25 +200,27 @@ def gram_matrix(s: torch.Tensor) -> torch.Tensor:
     return inner_products(s, s)
 
 
-def svqb(s: torch.Tensor, drop: float = 1e-8):
-    """Orthonormal basis of the columns of S [b, n, k] (SVQB, fp64 Gram matrix).
+def svqb(s: torch.Tensor, drop: float = 1e-8, eigh_on_host: bool = True):
+    """Orthonormal basis of the columns of S [b, n, k] (SVQB, fp64 Gram matrix; ``eigh_on_host``
+    as ``eigh``'s ``on_host``).
 
     Returns (transform [b, k, k], kept [b, k] bool): S @ transform has orthonormal columns where
     kept, zero columns elsewhere (directions S does not span).
     """
     m = gram_matrix(s)
     scale = torch.diagonal(m, dim1=1, dim2=2).clamp_min(torch.finfo(m.dtype).tiny).rsqrt()
-    values, vectors = eigh(scale[:, :, None] * m * scale[:, None, :])
+    values, vectors = eigh(scale[:, :, None] * m * scale[:, None, :], eigh_on_host)
     kept = values > drop * values[:, -1:].clamp_min(torch.finfo(m.dtype).tiny)
     inv_sqrt = torch.where(kept, values.clamp_min(torch.finfo(m.dtype).tiny).rsqrt(), torch.zeros_like(values))
     return (scale[:, :, None] * vectors * inv_sqrt[:, None, :]).to(s.dtype), kept
 
 
 def rayleigh_ritz(s: torch.Tensor, apply: Callable[[torch.Tensor], torch.Tensor], count: int,
-                  x: Optional[torch.Tensor] = None, a_x: Optional[torch.Tensor] = None):
+                  x: Optional[torch.Tensor] = None, a_x: Optional[torch.Tensor] = None, eigh_on_host: bool = True):
     """The ``count`` smallest Ritz pairs of the operator on span([X, S]).
 
-    X [b, n, kx] (orthonormal, optional) with A X, S [b, n, ks]; ``apply`` computes A Q. S is
+    X [b, n, kx] (orthonormal, optional) with A X, S [b, n, ks]; ``apply`` computes A Q;
+    ``eigh_on_host`` as ``eigh``'s ``on_host``. S is
     projected off X twice and orthonormalised by SVQB, and only then is A applied: no difference of
     nearly equal blocks is ever formed, so errors of a low-precision A stay relative to ||A||.
     Returns (X' [b, n, count], A X', P' [b, n, count], theta [b, count], largest |theta| [b]) where
@@ -228,7 +229,7 @@ def rayleigh_ritz(s: torch.Tensor, apply: Callable[[torch.Tensor], torch.Tensor]
     if x is not None:
         for _ in range(2):
             s = s - x @ (x.transpose(1, 2) @ s)
-    transform, kept = svqb(s)
+    transform, kept = svqb(s, eigh_on_host=eigh_on_host)
     q = s @ transform
     a_q = apply(q)
     kx = 0 if x is None else x.shape[2]
@@ -244,7 +245,7 @@ def rayleigh_ritz(s: torch.Tensor, apply: Callable[[torch.Tensor], torch.Tensor]
     dropped = torch.cat([kept.new_zeros((kept.shape[0], kx)), ~kept], dim=1)
     big = 10.0 * (h.abs().amax(dim=(1, 2), keepdim=True) + 1.0)
     h = h.masked_fill(dropped[:, :, None] | dropped[:, None, :], 0.0) + torch.diag_embed(dropped.to(h.dtype)) * big
-    theta, coefficients = eigh(h)
+    theta, coefficients = eigh(h, eigh_on_host)
     real = torch.arange(theta.shape[1], device=theta.device) < (~dropped).sum(dim=1, keepdim=True)
     c = coefficients[:, :, :count].to(s.dtype)
     p, a_p = q @ c[:, kx:], a_q @ c[:, kx:]
@@ -273,10 +274,17 @@ def unconverged_columns(r: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SolveInfo:
-    """Convergence of one batch: iterations and final relative residuals per module."""
+    """Convergence of one batch of modules."""
 
     iterations: torch.Tensor  # [b] int
-    residuals: torch.Tensor  # [b]: max_i ||Omega v_i - theta_i v_i|| / ||Omega|| over the r vectors
+    residuals: torch.Tensor  # [b]: the final relative residual (or change) of each module
+    converged: torch.Tensor  # [b] bool: whether it reached the tolerance
+
+    @classmethod
+    def exact(cls, batch: int) -> "SolveInfo":
+        """``batch`` modules with nothing to iterate."""
+        return cls(torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.float64),
+                   torch.ones(batch, dtype=torch.bool))
 
 
 def _relative_residual(r: torch.Tensor, rank: int, norm: torch.Tensor) -> torch.Tensor:
@@ -295,8 +303,10 @@ def smallest_eigenvectors(
     check_every: Optional[int] = None,
     working: Optional[BlockOperator] = None,
     generator: Optional[torch.Generator] = None,
+    eigh_on_host: bool = True,
 ):
-    """V [b, n, r]: the r smallest eigenvectors of every Omega'_b (ascending), and SolveInfo.
+    """V [b, n, r]: the r smallest eigenvectors of every Omega'_b (ascending), and SolveInfo
+    (residual: max_i ||Omega' v_i - theta_i v_i|| / ||Omega'|| over the r vectors).
 
     ``precondition`` adds Zd R to the search space (None: decided by ``variance_dominates`` at the
     bias scale the warm start shows, -theta_min); convergence is checked every ``check_every``
@@ -306,7 +316,8 @@ def smallest_eigenvectors(
     recomputed in full precision once a module's residual reaches the working precision's floor
     and again to confirm convergence, so the tolerance is met in op's precision: the corrections
     applied in low precision shrink with the residual, and so do their errors. A module that
-    stalls after its refresh switches the batch to full precision.
+    stalls after its refresh switches the batch to full precision. ``eigh_on_host``: as
+    ``eigh``'s ``on_host``.
     """
     if check_every is None:
         check_every = 1 if op.gradient.device.type == "cpu" else 4
@@ -328,7 +339,7 @@ def smallest_eigenvectors(
     start = torch.randn(batch, n, k, dtype=dtype, device="cpu", generator=generator).to(device)
     # warm start: Delta's dominant subspace, with the random block kept so that the span has k dimensions
     warm = torch.cat([fast("gram", start), start], dim=2)
-    x, ax, _, theta, norm = rayleigh_ritz(warm, lambda q: fast("omega", q), k)
+    x, ax, _, theta, norm = rayleigh_ritz(warm, lambda q: fast("omega", q), k, eigh_on_host=eigh_on_host)
     if precondition is None:
         precondition = op.variance_dominates((-theta[:, 0]).clamp_min(0.0))
     p = columns = None
@@ -389,32 +400,41 @@ def smallest_eigenvectors(
         blocks = [r_active, fast("zd_product", r_active)] if precondition else [r_active]
         if p is not None:
             blocks.append(p.gather(2, columns))
-        x, ax, p, _, new_norm = rayleigh_ritz(torch.cat(blocks, 2), lambda q: fast("omega", q), k, x, ax)
+        x, ax, p, _, new_norm = rayleigh_ritz(torch.cat(blocks, 2), lambda q: fast("omega", q), k, x, ax,
+                                              eigh_on_host)
         norm = torch.maximum(norm, new_norm)
-    return result, SolveInfo(iterations, residuals)
+    return result, SolveInfo(iterations, residuals, residuals <= tolerance)
 
 
 def top_singular_values(op: BlockOperator, *, block: int, tolerance: float, max_iterations: int,
-                        start: Optional[torch.Tensor] = None,
-                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """sigma [b] = ||Delta_b||_2 by block subspace iteration on Delta^T Delta: each step projects
-    onto span(X) (Rayleigh-Ritz from Y = Delta X, Y^T Y = X^T Delta^T Delta X) and moves to
-    span(Delta^T Y); one Delta and one Delta^T per step. ``start`` [b, n, k]: a first block
-    (default ``block`` random vectors); stops when sigma^2 changes by <= tolerance (relative)."""
+                        start: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                        eigh_on_host: bool = True):
+    """(sigma [b] = ||Delta_b||_2, SolveInfo) by block subspace iteration on Delta^T Delta: each
+    step projects onto span(X) (Rayleigh-Ritz from Y = Delta X, Y^T Y = X^T Delta^T Delta X) and
+    moves to span(Delta^T Y); one Delta and one Delta^T per step. ``start`` [b, n, k]: a first
+    block (default ``block`` random vectors). Stops when sigma^2 changes by <= ``tolerance``
+    (relative) in every module, or after ``max_iterations``; SolveInfo's residual is each
+    module's last relative change (inf after a single step)."""
     batch, _, n = op.gradient.shape
     x = start
     if x is None:
         x = torch.randn(batch, n, min(block, n), dtype=op.gradient.dtype, device="cpu", generator=generator)
     x = x.to(device=op.gradient.device, dtype=op.gradient.dtype)
     previous = None
-    for _ in range(max_iterations):
-        x = x @ svqb(x)[0]
+    change = torch.full((batch,), float("inf"), dtype=torch.float64)
+    for step in range(1, max_iterations + 1):
+        x = x @ svqb(x, eigh_on_host=eigh_on_host)[0]
         y = op.delta(x)
-        theta, vectors = eigh(gram_matrix(y))
+        theta, vectors = eigh(gram_matrix(y), eigh_on_host)
         top = theta[:, -1].clamp_min(0.0)
-        if previous is not None and bool(((top - previous).abs() <= tolerance * top).all()):
-            break
+        if previous is not None:
+            change = ((top - previous).abs() / top.clamp_min(torch.finfo(top.dtype).tiny)).double().cpu()
+            if bool((change <= tolerance).all()):
+                break
         previous = top
+        if step == max_iterations:
+            break
         y = y @ vectors.to(y.dtype)
         x = op.delta_t(y / y.norm(dim=1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny))
-    return top.sqrt().to(op.gradient.dtype)
+    info = SolveInfo(torch.full((batch,), step, dtype=torch.long), change, change <= tolerance)
+    return top.sqrt().to(op.gradient.dtype), info

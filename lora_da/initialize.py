@@ -12,7 +12,7 @@ from torch import nn
 
 from .collect import collect_statistics
 from .config import LoraDAConfig, resolve_config
-from .solve import LoraFactors, check_ranks, solve_with_report
+from .solve import LoraFactors, check_ranks, solve
 from .statistics import Statistics
 from .targets import linear_shape, lora_layers, matches
 
@@ -31,7 +31,7 @@ class InitReport:
     seconds: Dict[str, float]  # collect, solve, apply
     statistics_bytes: int
     peak_memory_bytes: Optional[int]  # accelerator peak during initialize; None on CPU
-    solver: Dict[str, dict]  # per module shape: solver, modules, iterations, residual
+    solver: Dict[str, dict]  # per module shape: what ``solve``'s Factors.report holds
     passes: int = 1  # passes over the calibration data (more than one under a memory budget)
 
     @property
@@ -53,6 +53,8 @@ class InitReport:
         for shape, info in self.solver.items():
             detail = (f", {info['iterations']} iterations, residual {info['residual']:.1e}"
                       if "iterations" in info else "")
+            stalled = sorted({**info.get("unconverged", {}), **info.get("sigma_unconverged", {})})
+            detail += f", NOT CONVERGED: {', '.join(stalled)}" if stalled else ""
             lines.append(f"  solve       {shape}: {info['modules']} modules, {info['solver']}{detail}")
         return "\n".join(lines)
 
@@ -142,7 +144,7 @@ def initialize(
             )
     seconds["collect"] = time.perf_counter() - start
     start = time.perf_counter()
-    factors, solver = solve_with_report(stats, cfg, ranks=ranks, device=device, progress=progress)
+    factors = solve(stats, cfg, ranks=ranks, device=device, progress=progress)
     seconds["solve"] = time.perf_counter() - start
     start = time.perf_counter()
     apply_factors(layers, factors, adapter_name)
@@ -157,6 +159,6 @@ def initialize(
         seconds=seconds,
         statistics_bytes=stats.nbytes(),
         peak_memory_bytes=peak,
-        solver=solver,
+        solver=factors.report,
         passes=stats.passes,
     )

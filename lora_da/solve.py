@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import LoraDAConfig, resolve_config
-from .eigensolver import BlockOperator, eigh, on_host_threads, on_one_thread, smallest_eigenvectors, top_singular_values
+from .eigensolver import (BlockOperator, SolveInfo, eigh, on_host_threads, on_one_thread, smallest_eigenvectors,
+                          top_singular_values)
 from .statistics import Statistics
 
 
@@ -20,9 +21,9 @@ MAX_DAMPING_RETRIES = 8  # each retry multiplies the input damping by 10
 AUTO_RANDOMIZED_MIN_N = 512  # solver="auto" takes the randomized solver from this in_features on
 SOLVE_BATCH_BYTES = 2**31  # the randomized solver stacks at most this much of G and the input factors at once
 # on CPUs, the solver's widest fp64 block [b, n, 3k] stays below glibc's largest mmap threshold: larger
-# blocks are mapped afresh at each allocation, page-faulted and unmapped (measured: 32 modules of
-# 1024 x 1024 at r = 64 took 11.6 s in one batch, 9.0 s in batches of at most 16)
+# blocks are mapped afresh at each allocation and page-faulted anew (RESULTS.md, "Eigensolver (CPU)")
 CPU_BLOCK_BYTES = 32 * 2**20
+SIGMA_TOLERANCE = 1e-10  # relative change of sigma^2 at which the randomized path's sigma iteration stops
 
 
 def solve_batch_bytes(device: torch.device) -> int:
@@ -48,6 +49,19 @@ class LoraFactors:
 
     lora_A: torch.Tensor  # [r, n]
     lora_B: torch.Tensor  # [m, r]
+
+
+class Factors(dict):
+    """{module name: LoraFactors}, as ``solve`` returns them, with ``report``: what the solver did
+    per module shape ("m x n, r=..") as ``{"solver", "modules", "converged"}``, and for the
+    randomized solver the largest ``iterations`` and ``residual`` of the eigenvectors, the largest
+    ``sigma_iterations`` and ``sigma_change`` (last relative change of sigma^2) of the sigma
+    iteration, and ``unconverged`` / ``sigma_unconverged``: module -> residual or change, for the
+    modules that stopped at ``solver_max_iterations`` before their tolerance."""
+
+    def __init__(self, factors: Mapping[str, LoraFactors], report: Dict[str, dict]):
+        super().__init__(factors)
+        self.report = report
 
 
 def check_ranks(shapes: Mapping[str, Tuple[int, int]], ranks: Mapping[str, int]) -> None:
@@ -78,11 +92,12 @@ def damped_cholesky(z: torch.Tensor, damping: float, what: str,
     raise RuntimeError(f"lora_da: Cholesky of the input factor of {what} failed up to damping {damping:g}")
 
 
-def output_scaling(stats: Statistics, name: str, output_fisher: str, damping: float) -> torch.Tensor:
-    """d [m]: the diagonal of the inverse output Fisher factor (fp64)."""
+def output_scaling(stats: Statistics, name: str, output_fisher: str, damping: float,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """d [m]: the diagonal of the inverse output Fisher factor (fp64, on ``device``)."""
     if output_fisher == "diagonal":
-        return 1.0 / (stats.output_factor(name).double() + damping)
-    p = stats.sequence_factor(name).double()  # [m, K]
+        return 1.0 / (stats.output_factor(name, device).double() + damping)
+    p = stats.sequence_factor(name, device).double()  # [m, K]
     k = p.shape[1]
     gram = damping * torch.eye(k, dtype=p.dtype, device=p.device) + p.T @ p
     solved = torch.cholesky_solve(p.T, torch.linalg.cholesky(gram)).T  # P (lambda I + P^T P)^-1
@@ -96,16 +111,17 @@ def fix_signs(v: torch.Tensor) -> torch.Tensor:
     return v * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
-def exact_subspace(dhat: torch.Tensor, chol: torch.Tensor, c: float, bias_weight: float, rank: int) -> torch.Tensor:
+def exact_subspace(dhat: torch.Tensor, zd_inv: Optional[torch.Tensor], c: float, bias_weight: float, rank: int,
+                   eigh_on_host: bool = True) -> torch.Tensor:
     """V [n, r]: eigenvectors of Omega = -alpha dhat^T dhat + c Zd^-1 with the smallest eigenvalues.
 
-    dhat: [m, n]; chol: lower Cholesky factor of Zd [n, n]. With c = 0 these are the top-r right
-    singular vectors of dhat.
+    dhat: [m, n]; zd_inv: Zd^-1 [n, n] (unused, may be None, when c = 0: then these are the
+    top-r right singular vectors of dhat).
     """
     if c == 0.0:
         return torch.linalg.svd(dhat, full_matrices=False).Vh[:rank].T
-    omega = -bias_weight * (dhat.T @ dhat) + c * torch.cholesky_inverse(chol)
-    return eigh(0.5 * (omega + omega.T)).eigenvectors[:, :rank]
+    omega = -bias_weight * (dhat.T @ dhat) + c * zd_inv
+    return eigh(0.5 * (omega + omega.T), on_host=eigh_on_host).eigenvectors[:, :rank]
 
 
 @dataclass
@@ -115,7 +131,6 @@ class NaturalGradient:
     delta_hat: torch.Tensor  # [m, n]: Delta / sigma
     sigma: float  # top singular value of Delta (1 when not normalising)
     d: torch.Tensor  # [m]: output scaling
-    chol: torch.Tensor  # [n, n]: lower Cholesky factor of Zd
 
     def variance_coefficient(self, cfg: LoraDAConfig, population_size: int) -> float:
         """c = beta * sum(d) / (N * sigma^2)."""
@@ -123,14 +138,15 @@ class NaturalGradient:
 
 
 def natural_gradient(stats: Statistics, name: str, chol: torch.Tensor, cfg: LoraDAConfig) -> NaturalGradient:
-    """Delta = -diag(d) G Zd^-1 by Cholesky solves, normalised by its top singular value."""
-    d = output_scaling(stats, name, stats.output_fisher, cfg.damping)
-    gradient = stats.gradient(name).double()
+    """Delta = -diag(d) G Zd^-1 by Cholesky solves with the lower factor ``chol`` [n, n] of the
+    module's Zd, normalised by its top singular value; on ``chol``'s device."""
+    d = output_scaling(stats, name, stats.output_fisher, cfg.damping, chol.device)
+    gradient = stats.gradient(name, chol.device).double()
     delta = -d[:, None] * torch.cholesky_solve(gradient.T, chol).T
     sigma = float(torch.linalg.matrix_norm(delta, ord=2)) if cfg.normalize_delta else 1.0
     if sigma == 0.0:
         raise ValueError(f"module {name!r}: the gradient is zero, LoRA-DA has no direction to follow")
-    return NaturalGradient(delta / sigma, sigma, d, chol)
+    return NaturalGradient(delta / sigma, sigma, d)
 
 
 def check_counted_tokens(stats: Statistics) -> None:
@@ -141,15 +157,75 @@ def check_counted_tokens(stats: Statistics) -> None:
         raise ValueError(f"no counted token reached modules {names}: their statistics are empty")
 
 
-def input_cholesky(stats: Statistics, key: str, damping: float) -> torch.Tensor:
-    """Lower Cholesky factor of Zd = Z + damping*I (fp64) of one distinct input."""
-    return damped_cholesky(stats.input_factor(key).double(), damping, "/".join(stats.inputs[key].modules))[0]
+def check_finite(stats: Statistics, names: Sequence[str]) -> None:
+    """FloatingPointError naming those of ``names`` whose G, y or input Z hold NaN or Inf."""
+    bad = stats.non_finite(names)
+    if bad:
+        raise FloatingPointError(f"non-finite statistics (NaN or Inf in G, y or Z) of modules {bad}")
 
 
-def input_choleskys(stats: Statistics, damping: float) -> Dict[str, torch.Tensor]:
-    """Input key -> lower Cholesky factor of Zd = Z + damping*I (fp64), once per distinct input."""
-    check_counted_tokens(stats)
-    return {key: input_cholesky(stats, key, damping) for key in stats.inputs}
+class InputFactors:
+    """Per distinct input of ``stats``, in fp64 on ``device``: the lower Cholesky factor L of
+    Zd = Z + damping I [n, n], the damping it took (raised on failure, see ``damped_cholesky``),
+    Zd^-1 and Zd; each made once, one-threaded (the same bits however it is reached), and kept
+    until ``release``. On CPUs ``prepare`` makes those of several inputs side by side on host
+    threads."""
+
+    def __init__(self, stats: Statistics, damping: float, device: torch.device):
+        self.stats, self.damping, self.device = stats, damping, device
+        self.factors: Dict[str, torch.Tensor] = {}  # key -> L
+        self.dampings: Dict[str, float] = {}  # key -> the damping its factorisation took
+        self.inverses: Dict[str, torch.Tensor] = {}  # key -> Zd^-1
+
+    def _z(self, key: str) -> torch.Tensor:
+        return self.stats.input_factor(key, self.device).double()
+
+    def _factor(self, key: str) -> torch.Tensor:
+        """Factor input ``key`` into ``self.factors[key]`` (made here unless it is there
+        already, e.g. allocated by ``prepare``); returns L."""
+        what = "/".join(self.stats.inputs[key].modules)
+        self.factors[key], self.dampings[key] = damped_cholesky(self._z(key), self.damping, what,
+                                                                out=self.factors.get(key))
+        return self.factors[key]
+
+    def cholesky(self, key: str) -> torch.Tensor:
+        """L [n, n] of input ``key``."""
+        if key not in self.dampings:
+            on_one_thread(self._factor, key)
+        return self.factors[key]
+
+    def inverse(self, key: str) -> torch.Tensor:
+        """Zd^-1 [n, n] of input ``key``."""
+        if key not in self.inverses:
+            self.inverses[key] = on_one_thread(torch.cholesky_inverse, self.cholesky(key))
+        return self.inverses[key]
+
+    def damped(self, key: str) -> torch.Tensor:
+        """Zd [n, n] of input ``key``, at the damping its factorisation took."""
+        self.cholesky(key)
+        z = self._z(key)
+        return z + self.dampings[key] * torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
+
+    def prepare(self, keys: Iterable[str]) -> None:
+        """On CPUs, L and Zd^-1 of the inputs ``keys`` side by side on host threads, written into
+        tensors made here (see ``eigensolver._host_eigh``)."""
+        missing = [key for key in dict.fromkeys(keys) if key not in self.inverses]
+        if self.device.type != "cpu" or len(missing) < 2:
+            return
+        for key in missing:
+            n = self.stats.inputs[key].z_sum.shape[0]
+            self.dampings.pop(key, None)
+            self.factors[key], self.inverses[key] = (torch.empty(n, n, dtype=torch.float64) for _ in range(2))
+
+        def factor_and_invert(key: str) -> None:
+            torch.cholesky_inverse(self._factor(key), out=self.inverses[key])
+
+        on_host_threads(factor_and_invert, missing)
+
+    def release(self, key: str) -> None:
+        """Forget the factors of an input no module still to be solved reads."""
+        for cache in (self.factors, self.dampings, self.inverses):
+            cache.pop(key, None)
 
 
 def resolve_solver(solver: str, in_features: int) -> str:
@@ -167,32 +243,21 @@ def solve(
     device: Union[str, torch.device, None] = None,
     progress: bool = True,
     **overrides,
-) -> Dict[str, LoraFactors]:
+) -> Factors:
     """LoRA-DA factors for every module in ``stats`` (ALGORITHM.md steps 2-4).
 
     ``ranks`` maps module names to their own rank (default ``cfg.rank``). Factors are fp64 when
     the statistics are, else fp32, on ``device`` (default: the statistics' own; statistics on the
-    host, e.g. from several passes, move there one module shape at a time). Inside a torch.distributed process
-    group every rank must call this: each solves a share of the modules and all get every factor.
+    host, e.g. from several passes, move there one module at a time). The result is a dict with
+    the solver's report as ``.report`` (see ``Factors``); modules the randomized solver leaves
+    unconverged at ``solver_max_iterations`` are named in a RuntimeWarning. Inside a
+    torch.distributed process group every rank must call this: each solves a share of the
+    modules and all get every factor and the whole report; if one rank fails, every rank raises.
     """
-    return solve_with_report(stats, cfg, ranks=ranks, device=device, progress=progress, **overrides)[0]
-
-
-def solve_with_report(
-    stats: Statistics,
-    cfg: Optional[LoraDAConfig] = None,
-    *,
-    ranks: Optional[Mapping[str, int]] = None,
-    device: Union[str, torch.device, None] = None,
-    progress: bool = True,
-    **overrides,
-) -> Tuple[Dict[str, LoraFactors], Dict[str, dict]]:
-    """``solve`` plus what the solver did, per module shape: {"m x n, r=..": {solver, modules}, plus
-    iterations and the largest relative residual for the randomized solver}."""
     cfg = resolve_config(cfg, overrides)
     ranks = {name: (ranks or {}).get(name, cfg.rank) for name in stats.modules}
     sweep, report = _solve(stats, cfg, [ranks], [cfg.variance_weight], device, progress)
-    return sweep[(cfg.variance_weight, 0)], report
+    return Factors(sweep[(cfg.variance_weight, 0)], report)
 
 
 def solve_sweep(
@@ -204,13 +269,14 @@ def solve_sweep(
     device: Union[str, torch.device, None] = None,
     progress: bool = True,
     **overrides,
-) -> Dict[Tuple[float, int], Dict[str, LoraFactors]]:
+) -> Dict[Tuple[float, int], Factors]:
     """One factor set per (variance_weight, rank) combination from one set of statistics.
 
     Default: the config's value for whichever of the two is not swept. The Cholesky factors,
     natural gradients and sigma are computed once; each variance weight takes one subspace
     solve at the largest rank, whose leading columns serve the smaller ranks. Equals separate
-    ``solve`` calls (to the solver's tolerance on the randomized path).
+    ``solve`` calls (to the solver's tolerance on the randomized path); every set carries the
+    sweep's report.
     """
     cfg = resolve_config(cfg, overrides)
     betas = list(dict.fromkeys(variance_weights if variance_weights is not None else [cfg.variance_weight]))
@@ -220,85 +286,39 @@ def solve_sweep(
     if not rank_list or any(not (isinstance(r, int) and r >= 1) for r in rank_list):
         raise ValueError(f"ranks must be positive integers, got {rank_list!r}")
     rank_sets = [{name: r for name in stats.modules} for r in rank_list]
-    sweep, _ = _solve(stats, cfg, rank_sets, betas, device, progress)
-    return {(beta, rank): sweep[(beta, i)] for beta in betas for i, rank in enumerate(rank_list)}
+    sweep, report = _solve(stats, cfg, rank_sets, betas, device, progress)
+    return {(beta, rank): Factors(sweep[(beta, i)], report) for beta in betas for i, rank in enumerate(rank_list)}
 
 
-class _OnDevice:
-    """Statistics whose accessors hand out tensors moved to ``device`` (the sums stay put)."""
-
-    def __init__(self, stats: Statistics, device: torch.device):
-        self._stats, self._device = stats, device
-
-    def __getattr__(self, name):
-        return getattr(self._stats, name)
-
-    def gradient(self, name: str) -> torch.Tensor:
-        return self._stats.gradient(name).to(self._device)
-
-    def input_factor(self, key: str) -> torch.Tensor:
-        return self._stats.input_factor(key).to(self._device)
-
-    def output_factor(self, name: str) -> torch.Tensor:
-        return self._stats.output_factor(name).to(self._device)
-
-    def sequence_factor(self, name: str) -> torch.Tensor:
-        return self._stats.sequence_factor(name).to(self._device)
+Subspaces = Dict[Tuple[float, str], Tuple[torch.Tensor, torch.Tensor]]  # (beta, module) -> V [n, R], Delta V / sigma [m, R]
 
 
 def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]], betas: List[float],
            device: Union[str, torch.device, None], progress: bool):
     """Factors of every module for every (beta, rank set index) on ``device``, and the report."""
     names = list(stats.modules)
-    home = stats.device
-    device = home if device is None else torch.device(device)
-    if device != home:
-        stats = _OnDevice(stats, device)
+    device = stats.device if device is None else torch.device(device)
     for rank_set in rank_sets:
         check_ranks({name: tuple(stats.modules[name].g_sum.shape) for name in names}, rank_set)
-    population = cfg.population_size or stats.population_size
+    check_counted_tokens(stats)
     out_dtype = torch.float64 if stats.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(cfg.gamma)
     groups: Dict[Tuple[int, int, int], list] = {}
     for name in names:
         groups.setdefault((*stats.modules[name].g_sum.shape, max(rs[name] for rs in rank_sets)), []).append(name)
     place = distributed.world()
-    if place is not None:  # each rank solves its share of every shape; the factors are broadcast after
+    if place is None:
+        subspaces, report = _solve_groups(stats, cfg, groups, betas, device, progress)
+    else:  # each rank solves its share of every shape; the factors are broadcast after
         owners = distributed.module_owners(list(groups.values()), place[1])
-        groups = {key: [n for n in group if owners[n] == place[0]] for key, group in groups.items()}
-        groups = {key: group for key, group in groups.items() if group}
-    check_counted_tokens(stats)
-    budget = solve_batch_bytes(stats.device)
-    chunks = [(shape, chunk) for shape, group in groups.items()
-              for chunk in _chunks(stats, group, shape, budget,
-                                   solve_batch_modules(stats.device, shape[1], shape[2] + cfg.solver_oversampling))]
-    readers = Counter(stats.modules[n].input_key for _, chunk in chunks for n in chunk)
-    batched = _BatchedSolver(stats, cfg, population)
-    subspaces: Dict[Tuple[float, str], Tuple[torch.Tensor, torch.Tensor]] = {}  # V [n, R], Delta V / sigma [m, R]
-    report: Dict[str, dict] = {}
-    for (m, n, rank), chunk in tqdm(chunks, desc="lora_da solve", unit="batch",
-                                    disable=not progress or not distributed.is_main_process()):
-        readers.subtract(stats.modules[name].input_key for name in chunk)
-        # factors of inputs that no later chunk reads are dropped as soon as they are used: they add up to GBs
-        last_readers = {stats.modules[name].input_key for name in chunk} - {k for k, c in readers.items() if c > 0}
-        solver = resolve_solver(cfg.solver, n)
-        info = report.setdefault(f"{m}x{n}, r={rank}", {"solver": solver, "modules": 0})
-        info["modules"] += len(chunk)
-        if solver == "exact":
-            for name in chunk:
-                ng = natural_gradient(stats, name, batched.cholesky(stats.modules[name].input_key), cfg)
-                for beta in betas:
-                    c = ng.variance_coefficient(cfg.replace(variance_weight=beta), population)
-                    v = fix_signs(exact_subspace(ng.delta_hat, ng.chol, c, cfg.bias_weight, rank))
-                    subspaces[(beta, name)] = v, ng.delta_hat @ v
-        else:
-            for beta, (v, lora_b, convergence) in zip(betas, batched.solve(chunk, rank, betas, last_readers)):
-                for i, name in enumerate(chunk):
-                    subspaces[(beta, name)] = v[i], lora_b[i]
-                info.update(iterations=max(int(convergence.iterations.max()), info.get("iterations", 0)),
-                            residual=max(float(convergence.residuals.max()), info.get("residual", 0.0)))
-        for key in last_readers:
-            batched.release(key)
+        mine = {key: [n for n in group if owners[n] == place[0]] for key, group in groups.items()}
+        subspaces, report, error = {}, {}, None
+        try:
+            subspaces, report = _solve_groups(stats, cfg, {k: g for k, g in mine.items() if g}, betas, device, progress)
+        except BaseException as exc:  # every rank must reach the agreement, or the others wait forever
+            error = exc
+        distributed.agree_on_failure(error, device, "the solve")
+        report = distributed.merge_reports(report)
     sweep = {}
     for beta in betas:
         for i, rank_set in enumerate(rank_sets):
@@ -315,6 +335,78 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
                 sweep[(beta, i)] = distributed.broadcast_factors(sweep[(beta, i)], owners, shapes, out_dtype, device,
                                                                  LoraFactors)
     return sweep, report
+
+
+def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, int, int], List[str]],
+                  betas: List[float], device: torch.device, progress: bool) -> Tuple[Subspaces, Dict[str, dict]]:
+    """Subspaces of the modules in ``groups`` ((m, n, largest rank) -> names) for every beta, and
+    the report; warns of the modules left unconverged."""
+    population = cfg.population_size or stats.population_size
+    budget = solve_batch_bytes(device)
+    chunks = [(shape, chunk) for shape, group in groups.items()
+              for chunk in _chunks(stats, group, shape, budget,
+                                   solve_batch_modules(device, shape[1], shape[2] + cfg.solver_oversampling))]
+    readers = Counter(stats.modules[n].input_key for _, chunk in chunks for n in chunk)
+    factors = InputFactors(stats, cfg.damping, device)
+    batched = _BatchedSolver(stats, cfg, population, factors, device)
+    eigh_on_host = cfg.solver_small_eigh == "host"
+    subspaces: Subspaces = {}
+    report: Dict[str, dict] = {}
+    for (m, n, rank), chunk in tqdm(chunks, desc="lora_da solve", unit="batch",
+                                    disable=not progress or not distributed.is_main_process()):
+        check_finite(stats, chunk)
+        readers.subtract(stats.modules[name].input_key for name in chunk)
+        # factors of inputs that no later chunk reads are dropped as soon as they are used: they add up to GBs
+        last_readers = {stats.modules[name].input_key for name in chunk} - {k for k, c in readers.items() if c > 0}
+        solver = resolve_solver(cfg.solver, n)
+        info = report.setdefault(f"{m}x{n}, r={rank}", {"solver": solver, "modules": 0, "converged": True})
+        info["modules"] += len(chunk)
+        if solver == "exact":
+            for name in chunk:
+                key = stats.modules[name].input_key
+                ng = natural_gradient(stats, name, factors.cholesky(key), cfg)
+                for beta in betas:
+                    c = ng.variance_coefficient(cfg.replace(variance_weight=beta), population)
+                    zd_inv = factors.inverse(key) if c != 0.0 else None
+                    v = fix_signs(exact_subspace(ng.delta_hat, zd_inv, c, cfg.bias_weight, rank, eigh_on_host))
+                    subspaces[(beta, name)] = v, ng.delta_hat @ v
+        else:
+            results, sigma_info = batched.solve(chunk, rank, betas, last_readers)
+            for beta, (v, lora_b, convergence) in zip(betas, results):
+                for i, name in enumerate(chunk):
+                    subspaces[(beta, name)] = v[i], lora_b[i]
+                _record(info, chunk, convergence, "iterations", "residual", "unconverged")
+            _record(info, chunk, sigma_info, "sigma_iterations", "sigma_change", "sigma_unconverged")
+        for key in last_readers:
+            factors.release(key)
+    warn_unconverged(report, cfg)
+    return subspaces, report
+
+
+def _record(info: dict, names: Sequence[str], convergence: SolveInfo, iterations: str, residual: str,
+            unconverged: str) -> None:
+    """Fold one batch's convergence into a shape's report entry under the given keys."""
+    info[iterations] = max(int(convergence.iterations.max()), info.get(iterations, 0))
+    info[residual] = max(float(convergence.residuals.max()), info.get(residual, 0.0))
+    stalled = info.setdefault(unconverged, {})
+    stalled.update({names[i]: float(convergence.residuals[i]) for i in (~convergence.converged).nonzero().flatten()})
+    info["converged"] = info["converged"] and not stalled
+
+
+def warn_unconverged(report: Dict[str, dict], cfg: LoraDAConfig) -> None:
+    """A RuntimeWarning naming every module whose eigenvectors or sigma stopped at
+    ``solver_max_iterations`` before the tolerance, with its residual."""
+    parts = []
+    for key, what, tolerance in (("unconverged", "subspace residual", cfg.solver_tolerance),
+                                 ("sigma_unconverged", "sigma^2 change", SIGMA_TOLERANCE)):
+        stalled = {name: value for info in report.values() for name, value in info.get(key, {}).items()}
+        if stalled:
+            listed = ", ".join(f"{name} ({value:.1e})" for name, value in stalled.items())
+            parts.append(f"{len(stalled)} module(s) above the {what} tolerance {tolerance:g}: {listed}")
+    if parts:
+        warnings.warn(f"lora_da: the randomized solver stopped at solver_max_iterations={cfg.solver_max_iterations} "
+                      f"with {'; and '.join(parts)}. Raise solver_max_iterations (or solver_tolerance)",
+                      RuntimeWarning, stacklevel=5)
 
 
 def _chunks(stats, names: List[str], shape: Tuple[int, int, int], budget: int,
@@ -338,90 +430,46 @@ def _chunks(stats, names: List[str], shape: Tuple[int, int, int], budget: int,
 
 
 class _BatchedSolver:
-    """The randomized path: stacks modules of one shape and solves them together."""
+    """The randomized path: stacks modules of one shape on ``device`` and solves them together."""
 
-    def __init__(self, stats: Statistics, cfg: LoraDAConfig, population: int):
-        self.stats, self.cfg, self.population = stats, cfg, population
-        self.factors: Dict[str, torch.Tensor] = {}  # input key -> L, once per distinct input, while needed
-        self.dampings: Dict[str, float] = {}  # input key -> the damping its Cholesky factorisation took
-        self.inverses: Dict[str, torch.Tensor] = {}  # input key -> Zd^-1, while needed
+    def __init__(self, stats: Statistics, cfg: LoraDAConfig, population: int, factors: InputFactors,
+                 device: torch.device):
+        self.stats, self.cfg, self.population, self.factors, self.device = stats, cfg, population, factors, device
         self.generator = torch.Generator().manual_seed(cfg.seed)
-
-    def cholesky(self, key: str) -> torch.Tensor:
-        """Lower Cholesky factor L [n, n] of the input ``key``'s Zd = Z + damping I."""
-        if key not in self.factors:  # one-threaded, as in ``prepare``: the same bits either way
-            self.factors[key], self.dampings[key] = on_one_thread(
-                lambda z: damped_cholesky(z, self.cfg.damping, "/".join(self.stats.inputs[key].modules)),
-                self.stats.input_factor(key).double())
-        return self.factors[key]
-
-    def damped(self, key: str) -> torch.Tensor:
-        """Zd [n, n] of the input ``key``, at the damping its factorisation took."""
-        if key not in self.dampings:
-            self.cholesky(key)
-        z = self.stats.input_factor(key).double()
-        return z + self.dampings[key] * torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
-
-    def inverse(self, key: str) -> torch.Tensor:
-        """Zd^-1 [n, n] of the input ``key``."""
-        if key not in self.inverses:
-            self.inverses[key] = on_one_thread(torch.cholesky_inverse, self.cholesky(key))
-        return self.inverses[key]
-
-    def prepare(self, keys: Iterable[str]) -> None:
-        """On CPUs, the Cholesky factors and inverses of the inputs ``keys`` side by side on host
-        threads, written into tensors made here (see ``eigensolver._host_eigh``)."""
-        missing = [key for key in dict.fromkeys(keys) if key not in self.inverses]
-        if self.stats.device.type != "cpu" or len(missing) < 2:
-            return
-        for key in missing:
-            n = self.stats.inputs[key].z_sum.shape[0]
-            self.factors[key], self.inverses[key] = (torch.empty(n, n, dtype=torch.float64) for _ in range(2))
-
-        def factor(key):
-            _, damping = damped_cholesky(self.stats.input_factor(key).double(), self.cfg.damping,
-                                         "/".join(self.stats.inputs[key].modules), out=self.factors[key])
-            torch.cholesky_inverse(self.factors[key], out=self.inverses[key])
-            return damping
-
-        self.dampings.update(zip(missing, on_host_threads(factor, missing)))
-
-    def release(self, key: str) -> None:
-        """Forget the factors of an input no module still to be solved reads."""
-        self.inverses.pop(key, None)
-        self.factors.pop(key, None)
 
     def operator(self, names, release: Iterable[str] = ()) -> BlockOperator:
         """Omega' of the modules ``names`` (one shape) with c' = 0; the factors of the inputs in
         ``release`` are forgotten once stacked. Stacks are filled one module at a time."""
-        stats, cfg = self.stats, self.cfg
+        stats, cfg, factors, device = self.stats, self.cfg, self.factors, self.device
         keys = [stats.modules[name].input_key for name in names]
         distinct = list(dict.fromkeys(keys))
-        self.prepare(distinct)
-        d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping) for name in names])
+        factors.prepare(distinct)
+        d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping, device) for name in names])
         op = BlockOperator(
-            gradient=_stacked([lambda name=name: stats.gradient(name) for name in names], torch.float64),
+            gradient=_stacked([lambda name=name: stats.gradient(name, device) for name in names], torch.float64),
             d=d,
-            zd_inv=_stacked([lambda key=key: self.inverse(key) for key in distinct]),
+            zd_inv=_stacked([lambda key=key: factors.inverse(key) for key in distinct]),
             owner=torch.tensor([distinct.index(key) for key in keys]),  # on the host
             variance=torch.zeros(len(names), dtype=d.dtype, device=d.device),
             bias_weight=cfg.bias_weight,
-            make_zd=lambda: _stacked([lambda key=key: self.damped(key) for key in distinct]),
+            make_zd=lambda: _stacked([lambda key=key: factors.damped(key) for key in distinct]),
         )
         for key in release:
-            self.release(key)
+            factors.release(key)
         zero = (torch.linalg.vector_norm(op.gradient, dim=(1, 2)) == 0).tolist()
         if any(zero):
             silent = [name for name, z in zip(names, zero) if z]
             raise ValueError(f"modules {silent}: the gradient is zero, LoRA-DA has no direction to follow")
         return op
 
-    def solve(self, names, rank: int, variance_weights: Sequence[float], release: Iterable[str] = ()) -> list:
-        """Per variance weight: (V [b, n, r], Delta V / sigma [b, m, r], SolveInfo) for the modules
-        ``names`` (one shape); the operator and sigma are shared by the variance weights."""
+    def solve(self, names, rank: int, variance_weights: Sequence[float], release: Iterable[str] = ()):
+        """([per variance weight: (V [b, n, r], Delta V / sigma [b, m, r], SolveInfo)], sigma's
+        SolveInfo) for the modules ``names`` (one shape); the operator and sigma are shared by the
+        variance weights."""
         op, cfg = self.operator(names, release), self.cfg
         working = op.to(torch.float32) if cfg.solver_mixed_precision else None
-        sigma = None
+        eigh_on_host = cfg.solver_small_eigh == "host"
+        sigma = sigma_info = None
         results = []
         for beta in variance_weights:
             op.variance = beta * op.d.sum(dim=1) / self.population
@@ -430,14 +478,19 @@ class _BatchedSolver:
             v, convergence = smallest_eigenvectors(
                 op, rank, oversampling=cfg.solver_oversampling, tolerance=cfg.solver_tolerance,
                 max_iterations=cfg.solver_max_iterations, generator=self.generator, working=working,
+                eigh_on_host=eigh_on_host,
             )
             if sigma is None:
-                sigma = (top_singular_values(op, block=8, tolerance=1e-10, max_iterations=cfg.solver_max_iterations,
-                                             start=v[:, :, :8]) if cfg.normalize_delta
-                         else torch.ones(len(names), dtype=op.gradient.dtype, device=op.gradient.device))
+                if cfg.normalize_delta:
+                    sigma, sigma_info = top_singular_values(op, block=8, tolerance=SIGMA_TOLERANCE,
+                                                            max_iterations=cfg.solver_max_iterations,
+                                                            start=v[:, :, :8], eigh_on_host=eigh_on_host)
+                else:
+                    sigma = torch.ones(len(names), dtype=op.gradient.dtype, device=op.gradient.device)
+                    sigma_info = SolveInfo.exact(len(names))
             v = fix_signs(v)
             results.append((v, op.delta(v) / sigma[:, None, None], convergence))
-        return results
+        return results, sigma_info
 
 
 def _stacked(makers, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

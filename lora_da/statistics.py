@@ -6,7 +6,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -59,26 +59,26 @@ class Statistics:
     def dtype(self) -> torch.dtype:
         return next(iter(self.modules.values())).g_sum.dtype
 
-    def gradient(self, name: str) -> torch.Tensor:
-        """G [m, n]: mean over sequences of the weight gradient."""
-        return self.modules[name].g_sum / self.num_sequences
+    def gradient(self, name: str, device: Optional[torch.device] = None) -> torch.Tensor:
+        """G [m, n]: mean over sequences of the weight gradient (on ``device``, default the sums')."""
+        return _moved(self.modules[name].g_sum, device) / self.num_sequences
 
-    def input_factor(self, key: str) -> torch.Tensor:
-        """Z [n, n]: symmetrised mean of x^T x over counted tokens."""
+    def input_factor(self, key: str, device: Optional[torch.device] = None) -> torch.Tensor:
+        """Z [n, n]: symmetrised mean of x^T x over counted tokens (on ``device``)."""
         entry = self.inputs[key]
-        z = entry.z_sum / entry.num_tokens
+        z = _moved(entry.z_sum, device) / entry.num_tokens
         return 0.5 * (z + z.T)
 
-    def output_factor(self, name: str) -> torch.Tensor:
-        """y [m]: mean of g * g over counted tokens."""
-        return self.modules[name].y_sum / self.inputs[self.modules[name].input_key].num_tokens
+    def output_factor(self, name: str, device: Optional[torch.device] = None) -> torch.Tensor:
+        """y [m]: mean of g * g over counted tokens (on ``device``)."""
+        return _moved(self.modules[name].y_sum, device) / self.inputs[self.modules[name].input_key].num_tokens
 
-    def sequence_factor(self, name: str) -> torch.Tensor:
-        """P [m, K]: per-sequence output-gradient sums / sqrt(K) (``sequence_lowrank`` only)."""
+    def sequence_factor(self, name: str, device: Optional[torch.device] = None) -> torch.Tensor:
+        """P [m, K]: per-sequence output-gradient sums / sqrt(K) (``sequence_lowrank`` only; on ``device``)."""
         sums = self.modules[name].sequence_sums
         if sums is None:
             raise ValueError("statistics were collected without output_fisher='sequence_lowrank'")
-        return sums.T / math.sqrt(sums.shape[0])
+        return _moved(sums, device).T / math.sqrt(sums.shape[0])
 
     def nbytes(self) -> int:
         """Bytes held by the accumulators."""
@@ -107,11 +107,13 @@ class Statistics:
         return Statistics(modules, inputs, first.num_sequences, first.population_size, first.token_mask,
                           first.output_fisher, dict(first.config), len(parts))
 
-    def non_finite(self) -> list:
-        """Modules whose G, y or input Z hold NaN or Inf."""
-        bad_inputs = {key for key, e in self.inputs.items() if not bool(torch.isfinite(e.z_sum).all())}
-        return [name for name, e in self.modules.items()
-                if e.input_key in bad_inputs or not bool(torch.isfinite(e.g_sum).all() & torch.isfinite(e.y_sum).all())]
+    def non_finite(self, names: Optional[Sequence[str]] = None) -> list:
+        """Those of ``names`` (default: every module) whose G, y or input Z hold NaN or Inf."""
+        names = list(self.modules) if names is None else names
+        keys = {self.modules[name].input_key for name in names}
+        bad_inputs = {key for key in keys if not bool(torch.isfinite(self.inputs[key].z_sum).all())}
+        return [name for name in names if self.modules[name].input_key in bad_inputs
+                or not bool(torch.isfinite(self.modules[name].g_sum).all() & torch.isfinite(self.modules[name].y_sum).all())]
 
     def fingerprint(self) -> Dict[str, list]:
         """Module name -> [m, n]: what a model must have for these statistics to apply to it."""
@@ -215,3 +217,8 @@ class Statistics:
         theirs = {key: set(e.modules) for key, e in other.inputs.items()}
         if mine != theirs:
             raise ValueError("cannot merge statistics whose modules share inputs differently")
+
+
+def _moved(t: torch.Tensor, device: Optional[torch.device]) -> torch.Tensor:
+    """``t`` on ``device`` (itself when None)."""
+    return t if device is None else t.to(device)

@@ -2,6 +2,7 @@
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -13,25 +14,33 @@ if not torch.cuda.is_available():
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+
+
 def golden_dir() -> Path:
-    """``LORA_DA_GOLDEN`` or ``shared/golden`` beside the repository."""
+    """``LORA_DA_GOLDEN`` or the copy in ``tests/data/golden``."""
     env = os.environ.get("LORA_DA_GOLDEN")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "golden"
+    path = Path(env) if env else GOLDEN
     if not (path / "manifest.json").exists():
-        raise FileNotFoundError(f"golden data not found at {path}; set LORA_DA_GOLDEN")
+        raise FileNotFoundError(f"golden data not found at {path} (LORA_DA_GOLDEN={env!r})")
     return path
+
+
+def golden_batches(path: Path, count: Optional[int] = None) -> list:
+    """The first ``count`` (default all) golden calibration sequences, one batch each."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "calibration.safetensors"))
+    ids = sorted({key.split(".")[0] for key in tensors})[:count]
+    return [{k: tensors[f"{i}.{k}"][None] for k in ("input_ids", "attention_mask", "labels")} for i in ids]
 
 
 @pytest.fixture(scope="session")
 def golden():
     """(folder, manifest, calibration batches at batch size 1)."""
-    from safetensors.torch import load_file
-
     path = golden_dir()
     manifest = json.loads((path / "manifest.json").read_text())
-    tensors = load_file(str(path / "calibration.safetensors"))
-    ids = sorted({key.split(".")[0] for key in tensors})
-    batches = [{k: tensors[f"{i}.{k}"][None] for k in ("input_ids", "attention_mask", "labels")} for i in ids]
+    batches = golden_batches(path)
     assert len(batches) == manifest["num_sequences"]
     return path, manifest, batches
 

@@ -5,7 +5,9 @@ model and writes what it got to OUT/rank<r>.safetensors (or, for ``fail``, what 
 
 MODE: ``index`` (a list of batches: the library shards), ``sampler`` (a DataLoader with a
 DistributedSampler, through ``initialize`` on a PEFT model), ``fail`` (rank 1's loader raises),
-``die`` (rank 1's process exits mid-collection).
+``die`` (rank 1's process exits mid-collection), ``solve_nan`` / ``solve_cholesky`` (the
+statistics of a module that rank 1 solves hold a NaN in G, or an input factor no damping makes
+positive definite).
 """
 import json
 import os
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from transformers import AutoModelForCausalLM
@@ -23,13 +25,7 @@ from transformers import AutoModelForCausalLM
 import lora_da
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import TARGETS, assert_same_state, model_state  # noqa: E402
-
-
-def golden_batches(golden: Path, count: int):
-    tensors = load_file(str(golden / "calibration.safetensors"))
-    ids = sorted({key.split(".")[0] for key in tensors})[:count]
-    return [{k: tensors[f"{i}.{k}"][None] for k in ("input_ids", "attention_mask", "labels")} for i in ids]
+from conftest import TARGETS, assert_same_state, golden_batches, model_state  # noqa: E402
 
 
 def failing(batches, die: bool):
@@ -39,6 +35,17 @@ def failing(batches, die: bool):
                 os._exit(3)
             raise OSError("calibration shard unreadable")
         yield batch
+
+
+def write_outcome(out: Path, rank: int, call) -> None:
+    """Run ``call`` and write what it raised (or "no error") to OUT/rank<r>.json; leave the group."""
+    try:
+        call()
+        outcome = "no error"
+    except Exception as error:  # noqa: BLE001 - the test reads what was raised
+        outcome = f"{type(error).__name__}: {error}"
+    (out / f"rank{rank}.json").write_text(json.dumps({"error": outcome}))
+    dist.destroy_process_group()
 
 
 def main(golden: Path, out: Path, mode: str, count: int) -> None:
@@ -59,16 +66,21 @@ def main(golden: Path, out: Path, mode: str, count: int) -> None:
         peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, target_modules=TARGETS))
         lora_da.initialize(peft_model, loader, cfg, progress=False)
         tensors = {n: p.detach() for n, p in peft_model.named_parameters() if "lora_" in n}
+    elif mode.startswith("solve_"):
+        stats = lora_da.collect_statistics(model, batches, cfg, progress=False)
+        broken = "model.layers.1.mlp.down_proj"  # the second of the two down_proj: rank 1 solves it
+        if mode == "solve_nan":
+            stats.modules[broken].g_sum[0, 0] = float("nan")
+        else:
+            entry = stats.inputs[stats.modules[broken].input_key]
+            entry.z_sum.copy_(-1e12 * entry.num_tokens * torch.eye(entry.z_sum.shape[0], dtype=entry.z_sum.dtype))
+        write_outcome(out, rank, lambda: lora_da.solve(stats, cfg, progress=False))
+        return
     else:
         before = model_state(model)
-        try:
-            lora_da.collect_statistics(model, failing(batches, mode == "die"), cfg, progress=False)
-            outcome = "no error"
-        except Exception as error:  # noqa: BLE001 - the test reads what was raised
-            outcome = f"{type(error).__name__}: {error}"
+        write_outcome(out, rank, lambda: lora_da.collect_statistics(model, failing(batches, mode == "die"), cfg,
+                                                                    progress=False))
         assert_same_state(before, model_state(model))
-        (out / f"rank{rank}.json").write_text(json.dumps({"error": outcome}))
-        dist.destroy_process_group()
         return
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank{rank}.safetensors"))
     dist.destroy_process_group()

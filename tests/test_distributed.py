@@ -1,6 +1,7 @@
 """Data-parallel collection and split solve under torchrun (gloo, two CPU ranks)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,11 @@ from conftest import TARGETS, golden_dir
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
 
-def torchrun(tmp_path: Path, mode: str, count: int, expect_success: bool = True):
+def torchrun(tmp_path: Path, mode: str, count: int, expect_success: bool = True, timeout: int = 600):
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
            str(golden_dir()), str(tmp_path), mode, str(count)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if not expect_success:
         return done
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -70,6 +71,19 @@ def test_a_failing_rank_makes_every_rank_raise_with_models_untouched(tmp_path):
     errors = [json.loads((out / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
     assert errors[1] == "OSError: calibration shard unreadable"
     assert errors[0].startswith("RuntimeError: lora_da: 1 other rank(s) failed during collection")
+
+
+@pytest.mark.parametrize("mode,error", [
+    ("solve_nan", r"FloatingPointError: non-finite statistics .* of modules \['model.layers.1.mlp.down_proj'\]"),
+    ("solve_cholesky", r"RuntimeError: lora_da: Cholesky of the input factor of model.layers.1.mlp.down_proj failed"),
+], ids=["nan", "cholesky"])
+def test_a_rank_whose_solve_fails_makes_every_rank_raise(tmp_path, mode, error):
+    """Only rank 1 solves the broken module; rank 0 raises too instead of waiting for its factors
+    (a hang would end in the subprocess timeout)."""
+    out = torchrun(tmp_path, mode, 12, timeout=180)
+    errors = [json.loads((out / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
+    assert re.match(error, errors[1]), errors[1]
+    assert errors[0] == "RuntimeError: lora_da: 1 other rank(s) failed during the solve; see their errors"
 
 
 def test_a_dying_rank_ends_the_job_with_its_name(tmp_path):

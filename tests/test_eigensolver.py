@@ -15,7 +15,7 @@ from lora_da.eigensolver import (
     top_singular_values,
     unconverged_columns,
 )
-from lora_da.solve import solve_batch_modules, solve_with_report
+from lora_da.solve import solve_batch_modules
 
 
 def problem(n, m, spread, deficient_rank=None, seed=0):
@@ -69,7 +69,7 @@ CASES = [  # n, m, spread, deficient rank, variance weight (relative to sigma^2)
 def test_subspace_matches_exact_eigh(n, m, spread, deficient, variance, r, working_dtype, precondition):
     problems = [problem(n, m, spread, deficient, seed) for seed in range(3)]
     op = operator(problems, [0.0] * 3)
-    sigma2 = top_singular_values(op, block=8, tolerance=1e-12, max_iterations=300) ** 2
+    sigma2 = top_singular_values(op, block=8, tolerance=1e-12, max_iterations=300)[0] ** 2
     op.variance = variance * sigma2
     cfg = lora_da.LoraDAConfig()
     v, info = smallest_eigenvectors(op, r, oversampling=cfg.solver_oversampling, tolerance=cfg.solver_tolerance,
@@ -98,7 +98,8 @@ def test_subspace_matches_exact_eigh(n, m, spread, deficient, variance, r, worki
 
 def test_sigma_matches_svd():
     op = operator([problem(50, 70, 3, None, s) for s in range(4)], [0.0] * 4)
-    sigma = top_singular_values(op, block=8, tolerance=1e-10, max_iterations=300)
+    sigma, info = top_singular_values(op, block=8, tolerance=1e-10, max_iterations=300)
+    assert bool(info.converged.all())
     for i in range(4):
         delta = -op.d[i][:, None] * op.gradient[i] @ op.zd_inv[i]
         assert abs(float(sigma[i]) / float(torch.linalg.matrix_norm(delta, 2)) - 1) < 1e-6
@@ -150,10 +151,12 @@ def test_randomized_solve_equals_exact_on_a_model(beta, mixed):
     stats = lora_da.collect_statistics(tiny_llama(seed=40), random_batches([3, 2], seed=41), progress=False)
     cfg = lora_da.LoraDAConfig(rank=4, variance_weight=beta, damping=1e-4, population_size=50,
                                solver_mixed_precision=mixed)
-    exact, _ = solve_with_report(stats, cfg, solver="exact", progress=False)
-    fast, report = solve_with_report(stats, cfg, solver="randomized", progress=False)
+    exact = lora_da.solve(stats, cfg, solver="exact", progress=False)
+    fast = lora_da.solve(stats, cfg, solver="randomized", progress=False)
+    report = fast.report
     assert {info["solver"] for info in report.values()} == {"randomized"}
-    assert all(info["residual"] <= cfg.solver_tolerance for info in report.values())
+    assert all(info["residual"] <= cfg.solver_tolerance and info["converged"] for info in report.values())
+    assert all(info["sigma_change"] <= 1e-10 and not info["sigma_unconverged"] for info in report.values())
     for name in exact:
         ba_exact = exact[name].lora_B @ exact[name].lora_A
         ba_fast = fast[name].lora_B @ fast[name].lora_A
@@ -166,7 +169,7 @@ def test_zero_gradient_is_an_error_naming_the_module(solver):
     name = next(iter(stats.modules))
     stats.modules[name].g_sum.zero_()
     with pytest.raises(ValueError, match=f"{name}.*gradient is zero"):
-        solve_with_report(stats, lora_da.LoraDAConfig(rank=4), solver=solver, progress=False)
+        lora_da.solve(stats, lora_da.LoraDAConfig(rank=4), solver=solver, progress=False)
 
 
 def test_batched_equals_unbatched():
@@ -250,13 +253,13 @@ def test_batches_bounded_in_memory_give_the_same_factors(monkeypatch, limit):
 
     stats = lora_da.collect_statistics(tiny_llama(seed=6), random_batches([4, 4, 4, 4], seed=7), progress=False)
     cfg = lora_da.LoraDAConfig(rank=4, damping=1e-4, population_size=50, solver="randomized")
-    whole, whole_report = solve_with_report(stats, cfg, progress=False)
+    whole = lora_da.solve(stats, cfg, progress=False)
     if limit == "bytes":  # one module per batch
         monkeypatch.setattr(sys.modules["lora_da.solve"], "solve_batch_bytes", lambda device: 1)
     else:  # two
         monkeypatch.setattr(sys.modules["lora_da.solve"], "solve_batch_modules", lambda device, n, columns: 2)
-    alone, alone_report = solve_with_report(stats, cfg, progress=False)
-    assert {k: v["modules"] for k, v in alone_report.items()} == {k: v["modules"] for k, v in whole_report.items()}
+    alone = lora_da.solve(stats, cfg, progress=False)
+    assert {k: v["modules"] for k, v in alone.report.items()} == {k: v["modules"] for k, v in whole.report.items()}
     for name in whole:
         want = whole[name].lora_B @ whole[name].lora_A
         got = alone[name].lora_B @ alone[name].lora_A
@@ -264,19 +267,18 @@ def test_batches_bounded_in_memory_give_the_same_factors(monkeypatch, limit):
 
 
 def test_factors_made_on_host_threads_equal_those_made_one_at_a_time():
-    """``prepare`` (Cholesky factors and inverses side by side on host threads, with a damping
-    retry warned from a worker thread) against the lazy path, input by input."""
+    """``InputFactors.prepare`` (Cholesky factors and inverses side by side on host threads, with a
+    damping retry warned from a worker thread) against the lazy path, input by input."""
     import copy
 
-    from lora_da.solve import _BatchedSolver
+    from lora_da.solve import InputFactors
 
     stats = copy.deepcopy(lora_da.collect_statistics(tiny_llama(seed=6), random_batches([4, 4], seed=7),
                                                      progress=False))
     keys = list(stats.inputs)
     entry = stats.inputs[keys[1]]
     entry.z_sum[0, 0] = -entry.num_tokens  # Z[0, 0] = -1: positive definite only at damping > 1
-    cfg = lora_da.LoraDAConfig(rank=4, damping=1e-4, population_size=50)
-    together, alone = _BatchedSolver(stats, cfg, 50), _BatchedSolver(stats, cfg, 50)
+    together, alone = (InputFactors(stats, 1e-4, torch.device("cpu")) for _ in range(2))
     with pytest.warns(RuntimeWarning, match="retrying"):
         together.prepare(keys)
     with pytest.warns(RuntimeWarning, match="retrying"):
@@ -286,3 +288,59 @@ def test_factors_made_on_host_threads_equal_those_made_one_at_a_time():
     for key in keys:
         assert torch.equal(together.factors[key], alone.factors[key])
         assert torch.equal(together.inverses[key], alone.inverses[key])
+        z = stats.input_factor(key)
+        zd = z + together.dampings[key] * torch.eye(z.shape[0], dtype=torch.float64)
+        assert torch.equal(together.damped(key), zd)
+
+
+def test_exact_and_randomized_paths_share_the_damping_an_input_needed():
+    """One factorisation per input for both solvers: an input that needs a damping retry gives
+    the same factors whichever solver reads it."""
+    stats = lora_da.collect_statistics(tiny_llama(seed=6), random_batches([4, 4], seed=7), progress=False)
+    entry = stats.inputs["model.layers.0.mlp.down_proj"]
+    entry.z_sum[0, 0] = -entry.num_tokens
+    cfg = lora_da.LoraDAConfig(rank=4, damping=1e-4, population_size=50)
+    with pytest.warns(RuntimeWarning, match="retrying"):
+        exact = lora_da.solve(stats, cfg, solver="exact", progress=False)
+    with pytest.warns(RuntimeWarning, match="retrying"):
+        randomized = lora_da.solve(stats, cfg, solver="randomized", progress=False)
+    for name in exact:
+        want = exact[name].lora_B @ exact[name].lora_A
+        got = randomized[name].lora_B @ randomized[name].lora_A
+        assert float((got - want).norm() / want.norm()) <= 1e-5, name
+
+
+def test_unconverged_modules_are_named_in_a_warning_and_the_report():
+    stats = lora_da.collect_statistics(tiny_llama(seed=40), random_batches([3, 2], seed=41), progress=False)
+    cfg = lora_da.LoraDAConfig(rank=4, damping=1e-4, population_size=50, solver="randomized", solver_max_iterations=1)
+    with pytest.warns(RuntimeWarning, match=r"solver_max_iterations=1 .*subspace residual tolerance 1e-07: "
+                                            r".*model\.layers\.0\.self_attn\.o_proj \(\d\.\de-\d\d\).*sigma\^2 change"):
+        factors = lora_da.solve(stats, cfg, progress=False)
+    assert factors.report and all(not info["converged"] for info in factors.report.values())
+    for info in factors.report.values():
+        assert info["iterations"] == 1 and info["sigma_iterations"] == 1
+        assert set(info["unconverged"]) <= set(factors) and info["unconverged"]
+        assert all(value > cfg.solver_tolerance for value in info["unconverged"].values())
+        assert info["sigma_unconverged"]  # one step cannot measure a change of sigma
+    converged = lora_da.solve(stats, cfg.replace(solver_max_iterations=200), progress=False)
+    assert all(info["converged"] and not info["unconverged"] for info in converged.report.values())
+
+
+def test_sigma_iteration_reports_its_convergence():
+    op = operator([problem(50, 70, 3, None, s) for s in range(2)], [0.0] * 2)
+    _, stopped = top_singular_values(op, block=8, tolerance=1e-10, max_iterations=2)
+    assert stopped.iterations.tolist() == [2, 2] and not bool(stopped.converged.all())
+    _, done = top_singular_values(op, block=8, tolerance=1e-10, max_iterations=300)
+    assert bool(done.converged.all()) and bool((done.residuals <= 1e-10).all()) and int(done.iterations[0]) < 300
+
+
+@pytest.mark.parametrize("place", ["host", "device"])
+def test_small_eigenproblems_placement_is_a_config_field(place):
+    stats = lora_da.collect_statistics(tiny_llama(seed=40), random_batches([3, 2], seed=41), progress=False)
+    cfg = lora_da.LoraDAConfig(rank=4, damping=1e-4, population_size=50, solver="randomized")
+    want = lora_da.solve(stats, cfg, progress=False)
+    got = lora_da.solve(stats, cfg, solver_small_eigh=place, progress=False)
+    for name in want:
+        torch.testing.assert_close(got[name].lora_A, want[name].lora_A, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown solver_small_eigh 'gpu'"):
+        lora_da.LoraDAConfig(solver_small_eigh="gpu")

@@ -16,31 +16,40 @@ def test_import_does_not_load_the_extension():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
+def registered_ops():
+    """Names of every op the extension registers (``lora_da::...``)."""
+    _extension.ops()
+    return sorted(schema.name for schema in torch._C._jit_get_all_schemas() if schema.name.startswith("lora_da::"))
+
+
+def fisher_update_arguments(device):
+    """Odd sizes, a mask with counted and masked tokens, two modules on one input."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 19, generator=gen)
+    grads = [torch.randn(37, m, generator=gen) for m in (11, 5)]
+    mask = torch.rand(37, generator=gen) < 0.6
+    to = lambda t: t.to(device)  # noqa: E731
+    return (to(x), to(mask), [to(g) for g in grads], to(torch.zeros(19, 19)), [to(torch.zeros(m, 19)) for m in (11, 5)],
+            [to(torch.zeros(m)) for m in (11, 5)])
+
+
+OPCHECK_ARGUMENTS = {"lora_da::fisher_update_": fisher_update_arguments}
+
+
 @pytest.mark.skipif(not CAN_BUILD, reason="torch is not a CUDA build or nvcc is missing: nothing to build")
-def test_extension_was_built_and_registers_its_ops():
+def test_extension_was_built_and_registers_the_statistics_op_only():
     assert _extension.load_error() is None
-    assert hasattr(torch.ops.lora_da, "axpy_")
+    assert registered_ops() == ["lora_da::fisher_update_"]
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="torch is not a CUDA build or nvcc is missing: nothing to build")
-def test_meta_kernel_and_clean_error_on_cpu_tensors():
-    y = torch.empty(5, device="meta")
-    assert _extension.axpy_(y, torch.empty(5, device="meta"), 2.0).shape == (5,)
-    with pytest.raises(RuntimeError, match="shapes differ"):
-        _extension.axpy_(torch.empty(5, device="meta"), torch.empty(4, device="meta"), 1.0)
-    with pytest.raises(RuntimeError, match="CUDA tensors"):
-        _extension.axpy_(torch.zeros(3), torch.zeros(3), 1.0)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_axpy_on_gpu_matches_torch():
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for n in (0, 1, 1000, 70001):
-        x = torch.randn(n, device="cuda", generator=gen)
-        y = torch.randn(n, device="cuda", generator=gen)
-        want = y + 0.5 * x
-        _extension.axpy_(y, x, 0.5)
-        torch.testing.assert_close(y, want)
+@pytest.mark.parametrize("device", ["meta"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_opcheck_every_registered_op(device):
+    """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) of every
+    op, on meta tensors everywhere and on CUDA tensors where a GPU is present."""
+    for name in registered_ops():
+        op = getattr(torch.ops.lora_da, name.split("::")[1]).default
+        torch.library.opcheck(op, OPCHECK_ARGUMENTS[name](device))
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="torch is not a CUDA build or nvcc is missing: nothing to build")

@@ -1,12 +1,13 @@
 """Properties the factors must have whatever the data."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import lora_da
-from conftest import random_batches, tiny_llama
-from lora_da.solve import input_choleskys, natural_gradient
+from conftest import assert_same_state, model_state, random_batches, tiny_llama
+from lora_da.solve import InputFactors, natural_gradient
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +24,16 @@ def subspace(factors, gamma):
 def test_orthonormal_basis_and_projection(stats, beta):
     cfg = lora_da.LoraDAConfig(rank=4, variance_weight=beta, gamma=64.0, damping=1e-4, population_size=20)
     factors = lora_da.solve(stats, cfg, progress=False)
-    cholesky = input_choleskys(stats, cfg.damping)
+    inputs = InputFactors(stats, cfg.damping, stats.device)
     for name, f in factors.items():
         v = subspace(f, cfg.gamma)
         torch.testing.assert_close(v.T @ v, torch.eye(4, dtype=v.dtype), atol=1e-10, rtol=0)
-        ng = natural_gradient(stats, name, cholesky[stats.modules[name].input_key], cfg)
+        key = stats.modules[name].input_key
+        ng = natural_gradient(stats, name, inputs.cholesky(key), cfg)
         torch.testing.assert_close(f.lora_B @ f.lora_A, ng.delta_hat @ v @ v.T / cfg.gamma, atol=1e-12, rtol=1e-9)
         # V spans the r eigenvectors of Omega with the smallest eigenvalues
         c = ng.variance_coefficient(cfg, 20)
-        omega = -cfg.bias_weight * ng.delta_hat.T @ ng.delta_hat + c * torch.cholesky_inverse(ng.chol)
+        omega = -cfg.bias_weight * ng.delta_hat.T @ ng.delta_hat + c * torch.cholesky_inverse(inputs.cholesky(key))
         smallest = torch.linalg.eigvalsh(omega)[:4]
         torch.testing.assert_close(torch.linalg.eigvalsh(v.T @ omega @ v), smallest, atol=1e-9, rtol=1e-9)
         # sign convention: each column's largest-magnitude entry is positive
@@ -41,9 +43,9 @@ def test_orthonormal_basis_and_projection(stats, beta):
 def test_no_variance_is_top_r_svd(stats):
     cfg = lora_da.LoraDAConfig(rank=3, variance_weight=0.0, gamma=4.0, damping=1e-4)
     factors = lora_da.solve(stats, cfg, progress=False)
-    cholesky = input_choleskys(stats, cfg.damping)
+    inputs = InputFactors(stats, cfg.damping, stats.device)
     for name, f in factors.items():
-        dhat = natural_gradient(stats, name, cholesky[stats.modules[name].input_key], cfg).delta_hat
+        dhat = natural_gradient(stats, name, inputs.cholesky(stats.modules[name].input_key), cfg).delta_hat
         u, s, vh = torch.linalg.svd(dhat, full_matrices=False)
         best = u[:, :3] @ torch.diag(s[:3]) @ vh[:3]
         torch.testing.assert_close(f.lora_B @ f.lora_A * cfg.gamma, best, atol=1e-10, rtol=1e-8)
@@ -65,14 +67,83 @@ def test_factors_follow_the_statistics_dtype(stats):
     assert all(f.lora_A.dtype == torch.float64 for f in lora_da.solve(stats, rank=1, progress=False).values())
 
 
-def test_num_samples_stops_early_and_truncates():
+@dataclasses.dataclass
+class TokenBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    texts: list
+
+
+class OpaqueBatch:
+    """A batch type lora_da cannot look into: its len() is its number of sequences."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __len__(self):
+        return self.batch["input_ids"].shape[0]
+
+
+def batch_as(kind, batch):
+    """``batch`` (a dict) in the form ``kind``, with the loss_fn that reads it."""
+    keys = ("input_ids", "attention_mask", "labels")
+    texts = [f"sequence {i}" for i in range(batch["input_ids"].shape[0])]
+    if kind == "dict":
+        return batch, None
+    if kind == "BatchEncoding":
+        from transformers import BatchEncoding
+
+        return BatchEncoding(batch), None
+    if kind in ("tuple", "list"):
+        container = tuple if kind == "tuple" else list
+        return container([*(batch[k] for k in keys), texts]), lambda m, b: m(**dict(zip(keys, b[:3]))).loss * len(b[3])
+    if kind == "dataclass":
+        return TokenBatch(*(batch[k] for k in keys), texts), lambda m, b: m(
+            input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss * len(b.texts)
+    return OpaqueBatch(batch), lambda m, b: m(**b.batch).loss * b.batch["input_ids"].shape[0]
+
+
+@pytest.mark.parametrize("kind", ["dict", "BatchEncoding", "tuple", "list", "dataclass"])
+def test_num_samples_truncates_every_batch_type_exactly(kind):
+    """A batch cut at num_samples gives the statistics of its first sequences alone (per-sequence
+    lists are cut with the tensors: the loss_fns scale by their length)."""
     model = tiny_llama()
     batches = random_batches([3, 3, 3])
-    stats = lora_da.collect_statistics(model, batches, num_samples=5, progress=False)
-    reference = lora_da.collect_statistics(model, [batches[0], {k: v[:2] for k, v in batches[1].items()}], progress=False)
-    assert stats.num_sequences == 5
+    converted = [batch_as(kind, b) for b in batches]
+    stats = lora_da.collect_statistics(model, [b for b, _ in converted], num_samples=5, loss_fn=converted[0][1],
+                                       token_mask="all", progress=False)  # the attention mask is a dict key
+    reference = lora_da.collect_statistics(model, [batches[0], {k: v[:2] for k, v in batches[1].items()}],
+                                           token_mask="all", progress=False)
+    assert stats.num_sequences == 5 and stats.num_tokens == reference.num_tokens
     for name in stats.modules:
-        torch.testing.assert_close(stats.gradient(name), reference.gradient(name))
+        torch.testing.assert_close(stats.gradient(name), reference.gradient(name), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(stats.output_factor(name), reference.output_factor(name), rtol=1e-12, atol=1e-14)
+    for key in stats.inputs:
+        torch.testing.assert_close(stats.input_factor(key), reference.input_factor(key), rtol=1e-12, atol=1e-14)
+
+
+def test_num_samples_refuses_a_batch_it_cannot_cut_before_collecting():
+    model = tiny_llama()
+    batches, loss_fn = zip(*(batch_as("opaque", b) for b in random_batches([3, 3])))
+    calls = []
+
+    def counting_loss(m, b):
+        calls.append(1)
+        return loss_fn[0](m, b)
+
+    before = model_state(model)
+    with pytest.raises(ValueError, match="cannot cut a OpaqueBatch"):
+        lora_da.collect_statistics(model, list(batches), num_samples=4, loss_fn=counting_loss, progress=False)
+    assert not calls
+    assert_same_state(before, model_state(model))
+    stats = lora_da.collect_statistics(model, list(batches), loss_fn=counting_loss, progress=False)
+    assert stats.num_sequences == 6  # without num_samples the same batches are collected whole
+    calls.clear()
+    with pytest.raises(ValueError, match="cannot tell the batch size of a object.*len()"):
+        lora_da.collect_statistics(model, [object()], loss_fn=counting_loss, progress=False)
+    assert not calls
+    assert_same_state(before, model_state(model))
 
 
 def test_population_size_defaults(caplog):

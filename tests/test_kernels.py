@@ -19,8 +19,18 @@ SHAPES = [  # (B, L, n, [m_k], mask kind)
     (2, 7, 37, [19, 5, 37], "tails"),  # odd sizes, several modules on one input (q/k/v-like)
     (3, 0, 9, [6], "all"),  # zero tokens
     (2, 9, 20, [33], "none"),  # every token masked
-    (3, 11, 48, [17, 40], "random"),  # several tiles, scattered counted tokens
+    (3, 11, 48, [17, 40], "random"),  # several small tiles, scattered counted tokens
 ]
+# Real sizes: many of the GPU's 64- and 128-wide tiles with ragged tails, thousands of tokens (under
+# the interpreter too, which runs the GPU's tile shapes on problems this big)
+LARGE_SHAPES = [
+    (4, 1000, 576, [576, 192, 192], "tails"),  # SmolLM2's q/k/v input, T = 4000
+    (2, 1531, 1000, [997], "runs"),  # masked runs across many token tiles, one sequence masked whole
+    (3, 700, 200, [130, 260], "random"),
+    (2, 1500, 300, [301], "none"),
+]
+LARGE_CASES = [(shape, dtype) for shape in LARGE_SHAPES for dtype in DTYPES] if DEVICE.type == "cuda" else [
+    (shape, torch.float16 if shape[4] == "random" else torch.float32) for shape in LARGE_SHAPES]
 
 
 def make_inputs(b, length, n, ms, kind, dtype, seed):
@@ -34,6 +44,16 @@ def make_inputs(b, length, n, ms, kind, dtype, seed):
     elif kind == "tails":
         keep = torch.randint(0, length + 1, (b,), generator=gen)
         mask = torch.arange(length)[None, :] < keep[:, None]
+    elif kind == "runs":
+        mask = torch.ones(b, length, dtype=torch.bool)
+        mask[0] = False
+        for row in range(1, b):
+            start = 0
+            while start < length:
+                start += int(torch.randint(50, 300, (1,), generator=gen))
+                stop = start + int(torch.randint(150, 400, (1,), generator=gen))
+                mask[row, start:stop] = False
+                start = stop
     else:
         mask = torch.rand(b, length, generator=gen) < 0.5
     to = lambda t: t.to(DEVICE, dtype)  # noqa: E731
@@ -63,11 +83,33 @@ def assert_within_twice_reference(kernel, ref, truth, name):
     assert kernel_err <= 2 * ref_err + 1e-5 * scale, f"{name}: kernel error {kernel_err:.3g}, reference {ref_err:.3g}"
 
 
+def shape_id(shape) -> str:
+    return f"{shape[0]}x{shape[1]}x{shape[2]}-{shape[4]}"
+
+
 @pytest.mark.skipif(not BACKENDS, reason="no kernel backend can run here")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-{s[4]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_kernel_matches_reference(backend, dtype, shape):
+    check_against_reference(backend, dtype, shape)
+
+
+@pytest.mark.skipif(not BACKENDS, reason="no kernel backend can run here")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,dtype", LARGE_CASES, ids=lambda c: shape_id(c) if isinstance(c, tuple) else str(c))
+def test_kernel_matches_reference_at_real_sizes(backend, dtype, shape):
+    check_against_reference(backend, dtype, shape)
+    if backend == "triton" and DEVICE.type == "cpu":  # the interpreter ran the GPU's tiles, not its own 16-wide ones
+        from lora_da.kernels import fisher_triton
+
+        assert fisher_triton._z_upper_kernel.best_config.kwargs["BLOCK_N"] in (64, 128)
+        assert fisher_triton._g_kernel.best_config.kwargs["BLOCK_M"] in (64, 128)
+
+
+def check_against_reference(backend, dtype, shape):
+    """The backend's statistics of random inputs of ``shape`` in ``dtype`` against the reference
+    and an fp64 truth, everything the op writes included (upper triangle of Z, G, y, sequence sums)."""
     b, length, n, ms, kind = shape
     x, mask, grads = make_inputs(b, length, n, ms, kind, dtype, seed=n + length)
     impl = dispatch.resolve("fisher_update", backend, DEVICE, dtype)
