@@ -4,6 +4,7 @@
     python benchmarks/eigensolver.py --llama-7b      # full Llama-2-7B shapes (4096, 11008, 32 layers), for a GPU
     python benchmarks/eigensolver.py --llama-7b --randomized-only   # the 224 modules, batched solver alone
     python benchmarks/eigensolver.py --smollm2       # real statistics: SmolLM2-135M, 4 layers, 64 reviews
+    python benchmarks/eigensolver.py --eigh-threads  # one dense eigh on one CPU thread against all of them
 
 Synthetic statistics with a Llama layer's structure (q/k/v share an input, gate/up share one, o and
 down have their own; power-law spectra for Z and G). Times are wall-clock seconds of the whole
@@ -216,6 +217,27 @@ def run(stats, ranks, with_lobpcg, say, save):
     return records
 
 
+def eigh_threads(sizes=(216, 512, 1024, 1536, 2048), rounds: int = 2) -> None:
+    """Median of 3 fp64 eigh of one random symmetric n x n matrix on all of torch's threads and on
+    one, in ``rounds`` alternating rounds (where ``eigensolver.SINGLE_THREAD_EIGH_MAX_N`` comes from)."""
+    threads = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for n in sizes:
+            a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+            a = a + a.T
+            times = {threads: [], 1: []}
+            for _ in range(rounds):
+                for count in times:
+                    torch.set_num_threads(count)
+                    torch.linalg.eigh(a)
+                    times[count].append(sorted(timed(lambda: torch.linalg.eigh(a))[1] for _ in range(3))[1])
+            print(f"n = {n:<5}" + "   ".join(f"{count} thread(s): " + ", ".join(f"{t:.3f} s" for t in seconds)
+                                               for count, seconds in times.items()), flush=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-7b", action="store_true", help="hidden 4096, MLP 11008, 32 layers")
@@ -231,7 +253,12 @@ def main(argv=None):
                         help="with --randomized-only: also time the small eigenproblems left on the GPU")
     parser.add_argument("--profile", action="store_true",
                         help="with --randomized-only: profile one more solve at the last rank (profile.txt)")
+    parser.add_argument("--eigh-threads", action="store_true",
+                        help="only time one dense eigh on one CPU thread against all of them, n = 216 to 2048")
     args = parser.parse_args(argv)
+    if args.eigh_threads:
+        eigh_threads()
+        return
     if args.llama_7b:
         args.hidden, args.mlp, args.layers = 4096, 11008, 32
     device = "cuda" if torch.cuda.is_available() else "cpu"

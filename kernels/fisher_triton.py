@@ -7,7 +7,7 @@ Two kernels per call:
     into the programs of the first column of tiles.
 Accumulation is fp32; fp32 inputs use IEEE products (no TF32). Under ``TRITON_INTERPRET=1`` tiles
 are cast to fp32 after loading (the interpreter computes bf16 wrongly), and each call runs one
-config (``triton_setup.tile_prune``: the GPU's tiles on problems that span two of them).
+config (``triton_setup.tile_prune``: the GPU's tiles on problems that span more than one).
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ import torch
 from . import dispatch
 
 STAGNATION_CHECKS = 10  # mixed precision: full precision once a refreshed module stalls for this many checks
-SINGLE_THREAD_EIGH_MAX_N = 1024  # CPU eigh up to this size runs faster one-threaded (RESULTS.md, "Eigensolver (CPU)")
+SINGLE_THREAD_EIGH_MAX_N = 1024  # CPU eigh up to this size: batches split over one-threaded workers (RESULTS.md)
 CUDA_BATCHED_EIGH_MAX_N = 32  # torch's CUDA eigh runs a batch as one call up to this size, one matrix at a time above
 
 _host_pool: Optional[ThreadPoolExecutor] = None  # made on first use, grown when more threads are wanted

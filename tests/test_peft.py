@@ -143,3 +143,17 @@ def test_sequence_classifier_with_an_adapted_pooler():
     for name, f in expected.items():
         torch.testing.assert_close(layers[name].lora_B["default"].weight @ layers[name].lora_A["default"].weight,
                                    f.lora_B @ f.lora_A)
+
+
+def test_report_names_unconverged_modules():
+    """initialize's report carries solve's: converged or not per shape, and the modules that are not."""
+    _, model = peft_llama()
+    with pytest.warns(RuntimeWarning, match="stopped at solver_max_iterations=1"):
+        report = lora_da.initialize(model, random_batches([3, 2]), solver="randomized", solver_max_iterations=1,
+                                    damping=1e-4, progress=False)
+    stalled = {name for info in report.solver.values() for name in {**info["unconverged"], **info["sigma_unconverged"]}}
+    assert stalled and stalled <= set(report.modules)
+    assert not any(info["converged"] for info in report.solver.values())
+    assert "NOT CONVERGED: model.layers.0" in str(report)
+    converged = lora_da.initialize(model, random_batches([3, 2]), solver="randomized", damping=1e-4, progress=False)
+    assert all(info["converged"] for info in converged.solver.values()) and "NOT CONVERGED" not in str(converged)
