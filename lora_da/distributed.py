@@ -9,6 +9,7 @@ initialised with more than one rank.
 """
 from __future__ import annotations
 
+import json
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -56,13 +57,12 @@ def agree_on_failure(error: Optional[BaseException], device: torch.device, durin
         raise RuntimeError(f"lora_da: {int(flag.item())} other rank(s) failed during {during}; see their errors")
 
 
-def merge_reports(report: Dict[str, dict]) -> Dict[str, dict]:
+def merge_reports(report: Dict[str, dict], device: torch.device) -> Dict[str, dict]:
     """The solver reports of every rank's share as one (see ``solve.Factors``): module counts
-    add, iterations and residuals take the largest, unconverged modules are pooled."""
-    reports: List[Optional[Dict[str, dict]]] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(reports, report)
+    add, iterations and residuals take the largest, unconverged modules are pooled. ``device``:
+    where the process group's collectives run."""
     merged: Dict[str, dict] = {}
-    for part in reports:
+    for part in _gather_json(report, device):
         for shape, info in part.items():
             into = merged.setdefault(shape, {"solver": info["solver"], "modules": 0, "converged": True})
             into["modules"] += info["modules"]
@@ -96,6 +96,20 @@ def reduce_statistics(stats: Statistics) -> None:
     for module in stats.modules.values():
         if module.sequence_sums is not None:
             module.sequence_sums = _gather_rows(module.sequence_sums)
+
+
+def _gather_json(value, device: torch.device) -> list:
+    """Every rank's JSON-serialisable ``value``, in rank order (sent as UTF-8 bytes: no pickle)."""
+    dist = torch.distributed
+    data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=device)
+    count = torch.tensor([data.numel()], device=device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    padded = torch.zeros(int(max(c.item() for c in counts)), dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    blocks = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(blocks, padded)
+    return [json.loads(bytes(block[: int(c.item())].cpu().tolist()).decode()) for block, c in zip(blocks, counts)]
 
 
 def _gather_rows(rows: torch.Tensor) -> torch.Tensor:

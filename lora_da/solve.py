@@ -318,7 +318,7 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
         except BaseException as exc:  # every rank must reach the agreement, or the others wait forever
             error = exc
         distributed.agree_on_failure(error, device, "the solve")
-        report = distributed.merge_reports(report)
+        report = distributed.merge_reports(report, device)
     sweep = {}
     for beta in betas:
         for i, rank_set in enumerate(rank_sets):

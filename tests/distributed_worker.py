@@ -3,7 +3,8 @@ model and writes what it got to OUT/rank<r>.safetensors (or, for ``fail``, what 
 
     torchrun --nproc_per_node=2 tests/distributed_worker.py GOLDEN OUT MODE [BATCHES]
 
-MODE: ``index`` (a list of batches: the library shards), ``sampler`` (a DataLoader with a
+MODE: ``index`` (a list of batches: the library shards; also writes OUT/rank<r>.reports.json, the
+solver reports of that solve and of a randomized one stopped after one iteration), ``sampler`` (a DataLoader with a
 DistributedSampler, through ``initialize`` on a PEFT model), ``fail`` (rank 1's loader raises),
 ``die`` (rank 1's process exits mid-collection), ``solve_nan`` / ``solve_cholesky`` (the
 statistics of a module that rank 1 solves hold a NaN in G, or an input factor no damping makes
@@ -60,6 +61,8 @@ def main(golden: Path, out: Path, mode: str, count: int) -> None:
         factors = lora_da.solve(stats, cfg, progress=False)
         tensors = {f"{n}.{k}": getattr(f, k) for n, f in factors.items() for k in ("lora_A", "lora_B")}
         tensors["num_sequences"] = torch.tensor(stats.num_sequences)
+        stalled = lora_da.solve(stats, cfg, solver="randomized", solver_max_iterations=1, progress=False)
+        (out / f"rank{rank}.reports.json").write_text(json.dumps({"exact": factors.report, "stalled": stalled.report}))
     elif mode == "sampler":
         sequences = [{k: v[0] for k, v in b.items()} for b in batches]
         loader = DataLoader(sequences, batch_size=1, sampler=DistributedSampler(sequences, shuffle=False))

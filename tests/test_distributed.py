@@ -52,6 +52,12 @@ def test_two_ranks_equal_one_process(golden, tmp_path, count):
         got = ranks[0][f"{name}.lora_B"] @ ranks[0][f"{name}.lora_A"]
         assert_close_relative(got, factors.lora_B @ factors.lora_A, 1e-6)
     assert int(ranks[0]["num_sequences"]) == count
+    # every rank's report covers every rank's modules: the whole solve's, and each unconverged module named
+    reports = [json.loads((out / f"rank{r}.reports.json").read_text()) for r in (0, 1)]
+    assert reports[0] == reports[1] and reports[0]["exact"] == want.report
+    stalled = reports[0]["stalled"]
+    assert {k: v["modules"] for k, v in stalled.items()} == {k: v["modules"] for k, v in want.report.items()}
+    assert {name for info in stalled.values() for name in info["sigma_unconverged"]} == set(want)
 
 
 def test_distributed_sampler_through_initialize(golden, tmp_path):

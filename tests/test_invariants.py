@@ -33,7 +33,7 @@ def test_orthonormal_basis_and_projection(stats, beta):
         torch.testing.assert_close(f.lora_B @ f.lora_A, ng.delta_hat @ v @ v.T / cfg.gamma, atol=1e-12, rtol=1e-9)
         # V spans the r eigenvectors of Omega with the smallest eigenvalues
         c = ng.variance_coefficient(cfg, 20)
-        omega = -cfg.bias_weight * ng.delta_hat.T @ ng.delta_hat + c * torch.cholesky_inverse(inputs.cholesky(key))
+        omega = -cfg.bias_weight * ng.delta_hat.T @ ng.delta_hat + c * inputs.inverse(key)
         smallest = torch.linalg.eigvalsh(omega)[:4]
         torch.testing.assert_close(torch.linalg.eigvalsh(v.T @ omega @ v), smallest, atol=1e-9, rtol=1e-9)
         # sign convention: each column's largest-magnitude entry is positive
