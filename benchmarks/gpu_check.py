@@ -6,7 +6,9 @@ and the batched solver.
 Benchmarks ``fisher_update`` at Llama-2-7B layer shapes (n = 4096, 11008; m = 4096, 11008;
 T = 2048..16384 tokens; 0% and 30% of tokens masked; bf16 inputs) for every kernel backend against
 the best plain-PyTorch paths: fp32 ``addmm_`` and a bf16 matmul with fp32 output then add (their
-inputs cast and masked beforehand, outside the timing). TFLOP/s count useful work only: the
+inputs cast and masked beforehand, outside the timing), and against Z summed in fp64 as
+``input_factor_dtype="float64"`` (the default) sums it (``torch_fp64_z``: what that default costs
+on a GPU). TFLOP/s count useful work only: the
 triangle of Z (n^2 T_counted) and 2 m n T for G. Everything goes to $OUT (default ./outputs):
 gpu_check.json (all figures), gpu_check.txt (this printout), gpu_tests.txt (pytest output),
 eigensolver.json/.txt (the solver: all 224 Llama-2-7B-shaped modules at r = 8 and 64, target <= 5 s,
@@ -110,16 +112,31 @@ def mm_fp32_out(a, b):
 
 
 def plain_paths(x, w, grad, z, g, y):
-    """The two plain-PyTorch versions of the op; grad None times Z alone. Inputs prepared here."""
+    """The plain-PyTorch versions of the op; grad None times Z alone. Inputs prepared here.
+    ``torch_fp64_z``: Z summed in fp64 as ``input_factor_dtype="float64"`` does it (the reference's
+    upper-triangle panels on the bf16 inputs), G and y as in fp32."""
+    import torch
+
+    from lora_da.kernels.reference import add_upper_gram
+
     xm = x * w[:, None].to(x.dtype)
     x32, xm32 = x.float(), xm.float()
     g32 = grad.float() if grad is not None else None
+    z64 = torch.zeros_like(z, dtype=torch.float64)
+
+    def g_and_y():
+        g.addmm_(g32.T, x32)
+        y.add_((g32.square() * w[:, None]).sum(0))
 
     def fp32():
         z.addmm_(xm32.T, x32)
         if grad is not None:
-            g.addmm_(g32.T, x32)
-            y.add_((g32.square() * w[:, None]).sum(0))
+            g_and_y()
+
+    def fp64_z():
+        add_upper_gram(z64, x, w)
+        if grad is not None:
+            g_and_y()
 
     def bf16():
         z.add_(mm_fp32_out(xm.T, x))
@@ -127,7 +144,7 @@ def plain_paths(x, w, grad, z, g, y):
             g.add_(mm_fp32_out(grad.T, x))
             y.add_((g32.square() * w[:, None]).sum(0))
 
-    return {"torch_fp32_addmm": fp32, "torch_bf16_mm": bf16}
+    return {"torch_fp32_addmm": fp32, "torch_bf16_mm": bf16, "torch_fp64_z": fp64_z}
 
 
 LLAMA_SHAPES = [(4096, None), (11008, None), (4096, 4096), (4096, 11008), (11008, 4096)]  # (n, m); m None: Z only
@@ -147,7 +164,7 @@ def benchmark(device: str, shapes, tokens_list, say, peak: float) -> list:
             say(f"backend {name} skipped: {reason}")
     records = []
     say(f"{'op':<6}{'n':>6}{'m':>6}{'T':>6}{'mask':>6}  " + "  ".join(f"{k:>18}" for k in
-        ["torch_fp32_addmm", "torch_bf16_mm"] + backends) + "   (TFLOP/s, % of peak)")
+        ["torch_fp32_addmm", "torch_bf16_mm", "torch_fp64_z"] + backends) + "   (TFLOP/s, % of peak)")
     for n, m in shapes:
         for tokens in tokens_list:
             for masked in (0.0, 0.3):

@@ -1,11 +1,11 @@
-"""What LoRA-DA costs on the main job's model, measured side by side:
+"""What LoRA-DA costs on the main job's model, measured side by side in one process:
 
-    python benchmarks/overhead.py                    # 128 calibration reviews (the main job's), 3 repeats
+    python benchmarks/overhead.py                    # 128 calibration reviews (the main job's), 3 rounds
     python benchmarks/overhead.py --reviews 64 --repeats 5
 
 SmolLM2-135M-Instruct with a PEFT LoRA adapter (r = 8, every linear layer but the head). Three
-variants, each run in a fresh process (so that its peak resident memory is its own), each timed
-``--repeats`` times after one discarded warm-up, medians reported:
+variants, run in turns in one process (one round = each variant once, so the machine's drift
+reaches them alike), one discarded warm-up round, medians over ``--repeats`` rounds:
 
 * ``train``: one plain LoRA training forward + backward per calibration batch (no optimizer step),
   the unit of the overhead ratio;
@@ -15,9 +15,13 @@ variants, each run in a fresh process (so that its peak resident memory is its o
   with hooks for Z and y, explicit inverses, dense Omega per module and ``torch.lobpcg`` with
   10 iterations per module.
 
-Prints the ratios time(lora_da) / time(train) and time(multi_pass) / time(lora_da), the phases
-and each variant's peak resident memory above the loaded model (Linux VmHWM); writes
-overhead.json under $OUT (default ./outputs).
+Prints the ratios time(lora_da) / time(train) and time(multi_pass) / time(lora_da), the phases,
+each variant's peak resident memory above the resident set before it ran (Linux VmHWM, reset
+before every run), and the floor of collection: a training pass plus the products that only
+collection makes, G (2 T m n per module over every token) and the upper triangle of Z (T n^2 per
+distinct input over the counted tokens, with the reference's panels: (1 + 192 / n) T n^2 / 2 * 2),
+at this machine's measured fp32 and fp64 matrix-product rates. Writes overhead.json under $OUT
+(default ./outputs).
 """
 from __future__ import annotations
 
@@ -25,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -142,39 +145,76 @@ def multi_pass(model, batches) -> dict:
     return dict(seconds, total=sum(seconds.values()))
 
 
-def worker(variant: str, reviews: int, repeats: int) -> dict:
-    model, batches = setup(reviews)
-    run = {"train": train_pass, "lora_da": lora_da_pass, "multi_pass": multi_pass}[variant]
-    before = resident_bytes()
-    reset_peak()  # loading the model peaks higher than any variant
-    runs = [run(model, batches) for _ in range(repeats + 1)][1:]  # the first is a warm-up
-    phases = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    return {"variant": variant, "median_seconds": phases, "runs": runs, "rss_before_bytes": before,
-            "peak_rss_bytes": resident_bytes("VmHWM")}
+def collection_floor(model, batches) -> dict:
+    """Seconds of the products only collection makes (G in fp32 over every token, Z's upper panels
+    in its accumulation dtype over the counted tokens), from flop counts and the rates of one
+    representative product of each kind measured here. The layer inputs come from collecting
+    one batch."""
+    import torch
+
+    import lora_da
+    from lora_da.kernels.reference import GRAM_PANEL
+    from lora_da.targets import lora_layers
+
+    with model.disable_adapter():
+        layout = lora_da.collect_statistics(model, batches[:1], target_modules=tuple(lora_layers(model)), progress=False)
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    counted = sum(int(b["attention_mask"].sum()) for b in batches)
+    g_flops = 2 * tokens * sum(s.g_sum.numel() for s in layout.modules.values())
+    widths = [e.z_sum.shape[0] for e in layout.inputs.values()]
+    z_flops = sum(counted * n * (n + GRAM_PANEL) for n in widths)  # panels of 192 rows: 2 T n (n + 192) / 2
+    z_dtype = next(iter(layout.inputs.values())).z_sum.dtype
+
+    def rate(dtype, m, n, k):
+        a, b, c = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype), torch.zeros(m, n, dtype=dtype)
+        c.addmm_(a, b)
+        start = time.perf_counter()
+        for _ in range(5):
+            c.addmm_(a, b)
+        return 5 * 2 * m * n * k / (time.perf_counter() - start)
+
+    batch_tokens = tokens // len(batches)
+    g_rate, z_rate = rate(torch.float32, 1536, 576, batch_tokens), rate(z_dtype, 576, 576, batch_tokens)
+    return {"G GFLOP": g_flops / 1e9, "Z GFLOP": z_flops / 1e9, "G GFLOP/s": g_rate / 1e9, "Z GFLOP/s": z_rate / 1e9,
+            "seconds": g_flops / g_rate + z_flops / z_rate}
+
+
+RUNS = {"train": train_pass, "lora_da": lora_da_pass, "multi_pass": multi_pass}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reviews", type=int, default=128, help="calibration reviews (default 128, as the main job)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds after the warm-up round")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.reviews, args.repeats)), flush=True)
-        return
+    model, batches = setup(args.reviews)
+    runs = {variant: [] for variant in args.variants}
+    peaks = {variant: [] for variant in args.variants}
+    for round_index in range(args.repeats + 1):
+        for variant in args.variants:
+            before = resident_bytes()
+            reset_peak()
+            record = RUNS[variant](model, batches)
+            if round_index:  # the first round warms up
+                runs[variant].append(record)
+                peaks[variant].append(resident_bytes("VmHWM") - before)
     records = {}
     for variant in args.variants:
-        done = subprocess.run([sys.executable, __file__, "--worker", variant, "--reviews", str(args.reviews),
-                               "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
-        records[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        medians = records[variant]["median_seconds"]
-        extra = (records[variant]["peak_rss_bytes"] - records[variant]["rss_before_bytes"]) / 2**30
-        print(f"{variant:<11} median {medians['total']:8.2f} s  peak RSS +{extra:5.2f} GiB over the loaded model  "
+        medians = {key: statistics.median(r[key] for r in runs[variant]) for key in runs[variant][0]}
+        records[variant] = {"median_seconds": medians, "runs": runs[variant], "peak_above_bytes": peaks[variant]}
+        print(f"{variant:<11} median {medians['total']:8.2f} s  runs " + ", ".join(f"{r['total']:.2f}" for r in runs[variant])
+              + f"  peak {max(peaks[variant]) / 2**30:+5.2f} GiB  "
               + "  ".join(f"{k} {v:.2f}" for k, v in medians.items() if k != "total"), flush=True)
     total = {v: records[v]["median_seconds"]["total"] for v in records}
     if {"train", "lora_da"} <= total.keys():
-        print(f"overhead ratio lora_da / train: {total['lora_da'] / total['train']:.2f}")
+        floor = collection_floor(model, batches)
+        records["collection_floor"] = floor
+        collect = records["lora_da"]["median_seconds"]["collect"]
+        print(f"overhead ratio lora_da / train: {total['lora_da'] / total['train']:.2f}; collection alone "
+              f"{collect / total['train']:.2f}; its floor (train + G {floor['G GFLOP']:.0f} GFLOP at "
+              f"{floor['G GFLOP/s']:.0f} GFLOP/s + Z {floor['Z GFLOP']:.0f} GFLOP at {floor['Z GFLOP/s']:.0f} GFLOP/s) "
+              f"{(total['train'] + floor['seconds']) / total['train']:.2f}")
     if {"multi_pass", "lora_da"} <= total.keys():
         print(f"speedup over the multi-pass baseline: {total['multi_pass'] / total['lora_da']:.2f}x")
     out = Path(os.environ.get("OUT", ROOT / "outputs"))

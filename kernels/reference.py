@@ -18,25 +18,43 @@ def fisher_update(
     """Accumulate one input's statistics and those of the modules that read it, in place.
 
     x: [B, L, n] layer input; mask: [B, L] (1 = counted token); grads[k]: [B, L, m_k] output
-    gradients. With A the accumulators' dtype:
-      input_factor [n, n] (A)     += x^T diag(mask) x          (skipped when None; kernels may
-                                                                 update only the upper triangle)
-      gradients[k] [m_k, n] (A)   += grads[k]^T x               (every token)
-      output_factors[k] [m_k] (A) += sum_t mask_t grads[k][t]^2
-      sequence_sums[k] [B, m_k]    = sum_t mask_t grads[k][b, t] (overwritten; optional)
+    gradients. Products and sums are computed in each accumulator's own dtype:
+      input_factor [n, n]     += x^T diag(mask) x          (the upper triangle, diagonal
+                                                             included, is what counts: below
+                                                             it, implementations may update
+                                                             or not; skipped when None)
+      gradients[k] [m_k, n]   += grads[k]^T x               (every token)
+      output_factors[k] [m_k] += sum_t mask_t grads[k][t]^2
+      sequence_sums[k] [B, m_k] = sum_t mask_t grads[k][b, t] (overwritten; optional)
     """
-    dtype = gradients[0].dtype if gradients else input_factor.dtype
     batch, length, n = x.shape
-    xs = x.reshape(batch * length, n).to(dtype)
-    weights = mask.reshape(batch * length).to(dtype)
+    flat_x = x.reshape(batch * length, n)
+    flat_mask = mask.reshape(batch * length)
     if input_factor is not None:
-        input_factor.addmm_((xs * weights[:, None]).T, xs)
+        add_upper_gram(input_factor, flat_x, flat_mask)
+    if not grads:
+        return
+    dtype = gradients[0].dtype
+    xs, weights = flat_x.to(dtype), flat_mask.to(dtype)
     for k, g in enumerate(grads):
         gs = g.reshape(batch * length, g.shape[-1]).to(dtype)
         gradients[k].addmm_(gs.T, xs)
         output_factors[k].addmv_(gs.square().T, weights)
         if sequence_sums is not None:
             write_sequence_sums(gs, weights, batch, length, sequence_sums[k])
+
+
+GRAM_PANEL = 192  # rows of Z per product in add_upper_gram (timed against the full product in RESULTS.md)
+
+
+def add_upper_gram(z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> None:
+    """The upper triangle of z [n, n] += x^T diag(mask) x, in z's dtype, for x [T, n], mask [T]:
+    one product per panel of GRAM_PANEL rows, from its diagonal block (updated whole) rightwards."""
+    x = x.to(z.dtype)
+    weighted = (x * mask.to(z.dtype)[:, None]).T
+    for start in range(0, z.shape[0], GRAM_PANEL):
+        rows = slice(start, start + GRAM_PANEL)
+        z[rows, start:].addmm_(weighted[rows], x[:, start:])
 
 
 def write_sequence_sums(grad: torch.Tensor, weights: torch.Tensor, batch: int, length: int, out: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from . import dispatch, distributed
 from .config import LoraDAConfig, resolve_config
+from .kernels import reference
 from .statistics import InputStatistics, ModuleStatistics, Statistics
 from .targets import Target, find_targets
 
@@ -239,7 +240,8 @@ class _Collector:
         dtype = torch.promote_types(torch.float32, x.dtype)
         if key not in self.inputs:
             n = x.shape[-1]
-            self.inputs[key] = InputStatistics(tuple(modules), x.new_zeros((n, n), dtype=dtype), 0)
+            z_dtype = torch.promote_types(getattr(torch, self.cfg.input_factor_dtype), dtype)
+            self.inputs[key] = InputStatistics(tuple(modules), x.new_zeros((n, n), dtype=z_dtype), 0)
             self.token_tensors[key] = torch.zeros((), dtype=torch.int64, device=x.device)
         self.token_tensors[key] += mask.sum()
         names = [m for m in event.grads]
@@ -254,10 +256,12 @@ class _Collector:
         if self.cfg.output_fisher == "sequence_lowrank":
             seq = [x.new_empty((x.shape[0], g.shape[-1]), dtype=dtype) for g in grads]
         impl = dispatch.resolve("fisher_update", self.cfg.backend, x.device, x.dtype)
-        impl.fn(
-            x, mask, grads, self.inputs[key].z_sum,
-            [self.modules[m].g_sum for m in names], [self.modules[m].y_sum for m in names], seq,
-        )
+        z_sum = self.inputs[key].z_sum
+        if z_sum.dtype != dtype and impl.backend != "torch":  # the kernels sum Z in fp32 only
+            reference.fisher_update(x, mask, [], z_sum, [], [])
+            z_sum = None
+        impl.fn(x, mask, grads, z_sum, [self.modules[m].g_sum for m in names], [self.modules[m].y_sum for m in names],
+                seq)
         if seq is not None:
             for m, s in zip(names, seq):
                 previous = self.batch_seq_sums.get(m)
@@ -345,8 +349,9 @@ def collect_statistics(
         )
     device = _model_device(model)
     param = next(model.parameters(), None)
-    element = torch.promote_types(torch.float32, param.dtype if param is not None else torch.float32).itemsize
-    groups = plan_groups(targets, element, memory_budget(max_memory, device))
+    element = torch.promote_types(torch.float32, param.dtype if param is not None else torch.float32)
+    z_element = torch.promote_types(getattr(torch, cfg.input_factor_dtype), element)
+    groups = plan_groups(targets, element.itemsize, z_element.itemsize, memory_budget(max_memory, device))
     if len(groups) > 1 and iter(loader) is loader:
         raise ValueError(f"max_memory needs {len(groups)} passes over the calibration data: "
                          "pass a re-iterable loader (a list or a DataLoader), not an iterator")
@@ -378,12 +383,14 @@ def memory_budget(max_memory: Union[int, str, None], device: torch.device) -> Op
     return max_memory
 
 
-def plan_groups(targets: Dict[str, Target], element_size: int, budget: Optional[int]) -> List[List[str]]:
+def plan_groups(targets: Dict[str, Target], element_size: int, z_element_size: int,
+                budget: Optional[int]) -> List[List[str]]:
     """Target names in model order, split into groups whose accumulators fit ``budget`` bytes.
 
     Modules under one parent (a layer's attention or MLP block) stay in one group, so inputs they
-    share are seen together. The estimate is an upper bound: Z [n, n] counted for every module
-    (shared inputs hold one), plus G [m, n] and y [m]; per-sequence sums are not counted.
+    share are seen together. The estimate is an upper bound: Z [n, n] (``z_element_size`` bytes
+    each) counted for every module (shared inputs hold one), plus G [m, n] and y [m]
+    (``element_size``); per-sequence sums are not counted.
     """
     blocks: Dict[str, List[str]] = {}
     for name in targets:
@@ -391,8 +398,8 @@ def plan_groups(targets: Dict[str, Target], element_size: int, budget: Optional[
     groups: List[List[str]] = []
     used = 0
     for names in blocks.values():
-        need = element_size * sum(t.in_features ** 2 + t.out_features * (t.in_features + 1)
-                                  for t in (targets[name] for name in names))
+        need = sum(z_element_size * t.in_features ** 2 + element_size * t.out_features * (t.in_features + 1)
+                   for t in (targets[name] for name in names))
         if budget is not None and need > budget:
             raise ValueError(f"max_memory={budget} bytes cannot hold the accumulators of {names} (up to {need} bytes)")
         if groups and (budget is None or used + need <= budget):

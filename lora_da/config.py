@@ -10,6 +10,7 @@ OUTPUT_FISHERS = ("diagonal", "sequence_lowrank")
 SOLVERS = ("auto", "exact", "randomized")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 SMALL_EIGH_PLACES = ("host", "device")
+INPUT_FACTOR_DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,10 @@ class LoraDAConfig:
     """Settings of one LoRA-DA initialisation.
 
     Paper symbols: ``rank`` = r, ``bias_weight`` = alpha, ``variance_weight`` = beta,
-    ``damping`` = lambda, ``gamma`` = gamma, ``population_size`` = N. ``solver_mixed_precision``:
+    ``damping`` = lambda, ``gamma`` = gamma, ``population_size`` = N. ``input_factor_dtype``: the
+    dtype the products and sums of Z are computed in (the input's own when that is wider): in
+    float32 their rounding noise, about eps32 * ||Z||, can exceed lambda, and the solve then damps
+    each input at its rounding floor instead (see ``solve.rounding_floor``). ``solver_mixed_precision``:
     the randomized solver applies Omega to its search directions in fp32 and checks convergence in
     fp64 (False: fp64 throughout). ``solver_small_eigh``: on GPUs, where the solvers' small
     eigenproblems above 32 x 32 run: ``host`` threads (torch's CUDA eigh solves a batch of them
@@ -34,6 +38,7 @@ class LoraDAConfig:
     normalize_delta: bool = True
     token_mask: str = "attention"
     output_fisher: str = "diagonal"
+    input_factor_dtype: str = "float64"
     num_samples: Optional[int] = None
     solver: str = "auto"
     solver_tolerance: float = 1e-7
@@ -52,6 +57,7 @@ class LoraDAConfig:
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("solver_small_eigh", self.solver_small_eigh, SMALL_EIGH_PLACES)
+        _check_choice("input_factor_dtype", self.input_factor_dtype, INPUT_FACTOR_DTYPES)
         if not (isinstance(self.rank, int) and self.rank >= 1):
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if self.bias_weight < 0 or self.variance_weight < 0:

@@ -53,6 +53,13 @@ class InitReport:
         for shape, info in self.solver.items():
             detail = (f", {info['iterations']} iterations, residual {info['residual']:.1e}"
                       if "iterations" in info else "")
+            if info.get("token_space"):
+                detail += f", {len(info['token_space'])} in the span of their input's tokens"
+            dampings = info.get("dampings", {})
+            if dampings and max(dampings.values()) > min(dampings.values()):
+                detail += f", damping {min(dampings.values()):.1e} to {max(dampings.values()):.1e}"
+            elif dampings:
+                detail += f", damping {max(dampings.values()):.1e}"
             stalled = sorted({**info.get("unconverged", {}), **info.get("sigma_unconverged", {})})
             detail += f", NOT CONVERGED: {', '.join(stalled)}" if stalled else ""
             lines.append(f"  solve       {shape}: {info['modules']} modules, {info['solver']}{detail}")

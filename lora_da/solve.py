@@ -17,13 +17,13 @@ from .eigensolver import (BlockOperator, SolveInfo, eigh, on_host_threads, on_on
 from .statistics import Statistics
 
 
-MAX_DAMPING_RETRIES = 8  # each retry multiplies the input damping by 10
 AUTO_RANDOMIZED_MIN_N = 512  # solver="auto" takes the randomized solver from this in_features on
 SOLVE_BATCH_BYTES = 2**31  # the randomized solver stacks at most this much of G and the input factors at once
 # on CPUs, the solver's widest fp64 block [b, n, 3k] stays below glibc's largest mmap threshold: larger
 # blocks are mapped afresh at each allocation and page-faulted anew (RESULTS.md, "Eigensolver (CPU)")
 CPU_BLOCK_BYTES = 32 * 2**20
 SIGMA_TOLERANCE = 1e-10  # relative change of sigma^2 at which the randomized path's sigma iteration stops
+TOKEN_BASIS_OVERSAMPLING = 8  # extra columns of the range finder of Z when it has fewer tokens than features
 
 
 def solve_batch_bytes(device: torch.device) -> int:
@@ -53,7 +53,9 @@ class LoraFactors:
 
 class Factors(dict):
     """{module name: LoraFactors}, as ``solve`` returns them, with ``report``: what the solver did
-    per module shape ("m x n, r=..") as ``{"solver", "modules", "converged"}``, and for the
+    per module shape ("m x n, r=..") as ``{"solver", "modules", "converged"}``, ``dampings``:
+    module -> the damping of its input factor (the config's, or the rounding floor of fp32 sums,
+    see ``InputFactors``), and for the
     randomized solver the largest ``iterations`` and ``residual`` of the eigenvectors, the largest
     ``sigma_iterations`` and ``sigma_change`` (last relative change of sigma^2) of the sigma
     iteration, and ``unconverged`` / ``sigma_unconverged``: module -> residual or change, for the
@@ -71,25 +73,24 @@ def check_ranks(shapes: Mapping[str, Tuple[int, int]], ranks: Mapping[str, int])
         raise ValueError(f"rank larger than min(out_features, in_features) for: {', '.join(bad)}")
 
 
-def damped_cholesky(z: torch.Tensor, damping: float, what: str,
-                    out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, float]:
-    """Lower Cholesky factor L of Z + damping*I [n, n] (written into ``out`` when given),
-    retrying with 10x damping on failure."""
-    eye = torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
-    for attempt in range(MAX_DAMPING_RETRIES + 1):
-        outputs = None if out is None else (out, torch.empty((), dtype=torch.int32))
-        factor, info = torch.linalg.cholesky_ex(z + damping * eye, out=outputs)
-        if int(info) == 0:
-            return factor, damping
-        if attempt < MAX_DAMPING_RETRIES:
-            warnings.warn(
-                f"lora_da: input factor of {what} is not positive definite at damping {damping:g}; "
-                f"retrying with {damping * 10:g}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            damping *= 10
-    raise RuntimeError(f"lora_da: Cholesky of the input factor of {what} failed up to damping {damping:g}")
+def rounding_floor(z: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> float:
+    """The smallest damping that Z [n, n] summed over ``num_tokens`` tokens in ``dtype`` can take:
+    eps(dtype) * sqrt(T) * ||Z||_F. The rounding noise E of such sums can make Z + lambda I
+    indefinite when ||E||_2 > lambda; on the main job's 120 inputs, ||E||_2 stays below
+    2 eps * ||Z||_2 in fp32, 35 times or more below this floor (RESULTS.md), and sqrt(T) covers
+    the growth of summation errors with the number of terms."""
+    return torch.finfo(dtype).eps * math.sqrt(num_tokens) * float(torch.linalg.matrix_norm(z))
+
+
+def damped_cholesky(zd: torch.Tensor, damping: float, what: str) -> torch.Tensor:
+    """zd [n, n] = Z + damping*I (its lower triangle is read) overwritten with its lower Cholesky
+    factor L, which is returned; RuntimeError when zd is not positive definite (Z is then not
+    the sum of outer products its statistics claim: corrupted, or edited)."""
+    _, info = torch.linalg.cholesky_ex(zd, out=(zd, torch.empty((), dtype=torch.int32, device=zd.device)))
+    if int(info) != 0:
+        raise RuntimeError(f"lora_da: Cholesky of the input factor of {what} failed at damping {damping:g}: "
+                           "Z + damping I is not positive definite, so Z is no sum of outer products")
+    return zd
 
 
 def output_scaling(stats: Statistics, name: str, output_fisher: str, damping: float,
@@ -166,31 +167,69 @@ def check_finite(stats: Statistics, names: Sequence[str]) -> None:
 
 class InputFactors:
     """Per distinct input of ``stats``, in fp64 on ``device``: the lower Cholesky factor L of
-    Zd = Z + damping I [n, n], the damping it took (raised on failure, see ``damped_cholesky``),
-    Zd^-1 and Zd; each made once, one-threaded (the same bits however it is reached), and kept
-    until ``release``. On CPUs ``prepare`` makes those of several inputs side by side on host
-    threads."""
+    Zd = Z + damping I [n, n], Zd^-1 and Zd, each made once, one-threaded (the same bits however
+    it is reached), and kept until ``release``. The damping of each input is chosen once: the
+    config's, or the rounding floor of Z's sums where that is larger (``rounding_floor``). On CPUs
+    ``prepare`` makes the factors of several inputs side by side on host threads."""
 
-    def __init__(self, stats: Statistics, damping: float, device: torch.device):
-        self.stats, self.damping, self.device = stats, damping, device
+    def __init__(self, stats: Statistics, damping: float, device: torch.device, seed: int = 0):
+        self.stats, self.damping, self.device, self.seed = stats, damping, device, seed
         self.factors: Dict[str, torch.Tensor] = {}  # key -> L
-        self.dampings: Dict[str, float] = {}  # key -> the damping its factorisation took
         self.inverses: Dict[str, torch.Tensor] = {}  # key -> Zd^-1
+        self.bases: Dict[str, Optional[Tuple[torch.Tensor, torch.Tensor]]] = {}  # key -> token_basis
+        self.probes: Dict[Tuple[int, int], torch.Tensor] = {}  # (n, columns) -> the range finder's Gaussian
+        self.floors: Dict[str, float] = {}  # key -> the rounding floor of Z's sums (inputs with a token basis)
+        self.dampings: Dict[str, float] = {}  # key -> its damping (kept after ``release``: the report reads it)
 
-    def _z(self, key: str) -> torch.Tensor:
-        return self.stats.input_factor(key, self.device).double()
+    def _choose_damping(self, key: str, z: torch.Tensor) -> Tuple[float, float]:
+        """(damping, rounding floor) of input ``key`` whose Z [n, n] is ``z``: the damping is the
+        config's, or the floor where that is larger."""
+        entry = self.stats.inputs[key]
+        floor = rounding_floor(z, entry.num_tokens, entry.z_sum.dtype)
+        self.dampings[key] = max(self.damping, floor)
+        return self.dampings[key], floor
 
     def _factor(self, key: str) -> torch.Tensor:
         """Factor input ``key`` into ``self.factors[key]`` (made here unless it is there
-        already, e.g. allocated by ``prepare``); returns L."""
-        what = "/".join(self.stats.inputs[key].modules)
-        self.factors[key], self.dampings[key] = damped_cholesky(self._z(key), self.damping, what,
-                                                                out=self.factors.get(key))
+        already, e.g. allocated by ``prepare``), in place: the sums are copied in, scaled and
+        damped there; returns L. Z's sums are symmetric: Cholesky reads their lower triangle."""
+        entry = self.stats.inputs[key]
+        zd = self.factors.get(key)
+        zd = entry.z_sum.to(self.device, torch.float64, copy=True) if zd is None else zd.copy_(entry.z_sum)
+        zd /= entry.num_tokens
+        zd.diagonal().add_(self._choose_damping(key, zd)[0])
+        self.factors[key] = damped_cholesky(zd, self.dampings[key], "/".join(entry.modules))
         return self.factors[key]
+
+    def token_basis(self, key: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """For an input with fewer counted tokens than features (T + TOKEN_BASIS_OVERSAMPLING < n),
+        whose Z has rank at most T: (W [n, s], z [s]), orthonormal eigenvectors of Z and their
+        eigenvalues, for the s eigenvalues above the rounding floor of Z's sums (the rest of R^n is
+        Z's numerical null space); None for other inputs. Found by a randomized range finder with
+        T + TOKEN_BASIS_OVERSAMPLING columns, exact for a rank-T matrix, and Rayleigh-Ritz."""
+        if key not in self.bases:
+            entry = self.stats.inputs[key]
+            n, tokens = entry.z_sum.shape[0], entry.num_tokens
+            self.bases[key] = None
+            if tokens + TOKEN_BASIS_OVERSAMPLING < n:
+                z = self.stats.input_factor(key, self.device).double()
+                _, floor = self._choose_damping(key, z)
+                q = torch.linalg.qr(z @ self.probe(n, tokens + TOKEN_BASIS_OVERSAMPLING)).Q
+                values, vectors = eigh(q.T @ (z @ q))
+                kept = values > floor
+                self.bases[key], self.floors[key] = (q @ vectors[:, kept], values[kept]), floor
+        return self.bases[key]
+
+    def probe(self, n: int, columns: int) -> torch.Tensor:
+        """A Gaussian [n, columns] (fp64, on the device) from the seed, made once per size."""
+        if (n, columns) not in self.probes:
+            self.probes[(n, columns)] = torch.randn(n, columns, dtype=torch.float64,
+                                                    generator=torch.Generator().manual_seed(self.seed)).to(self.device)
+        return self.probes[(n, columns)]
 
     def cholesky(self, key: str) -> torch.Tensor:
         """L [n, n] of input ``key``."""
-        if key not in self.dampings:
+        if key not in self.factors:
             on_one_thread(self._factor, key)
         return self.factors[key]
 
@@ -201,9 +240,9 @@ class InputFactors:
         return self.inverses[key]
 
     def damped(self, key: str) -> torch.Tensor:
-        """Zd [n, n] of input ``key``, at the damping its factorisation took."""
+        """Zd [n, n] of input ``key``, at its damping."""
         self.cholesky(key)
-        z = self._z(key)
+        z = self.stats.input_factor(key, self.device).double()
         return z + self.dampings[key] * torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
 
     def prepare(self, keys: Iterable[str]) -> None:
@@ -214,7 +253,6 @@ class InputFactors:
             return
         for key in missing:
             n = self.stats.inputs[key].z_sum.shape[0]
-            self.dampings.pop(key, None)
             self.factors[key], self.inverses[key] = (torch.empty(n, n, dtype=torch.float64) for _ in range(2))
 
         def factor_and_invert(key: str) -> None:
@@ -224,7 +262,7 @@ class InputFactors:
 
     def release(self, key: str) -> None:
         """Forget the factors of an input no module still to be solved reads."""
-        for cache in (self.factors, self.dampings, self.inverses):
+        for cache in (self.factors, self.inverses, self.bases):
             cache.pop(key, None)
 
 
@@ -293,6 +331,77 @@ def solve_sweep(
 Subspaces = Dict[Tuple[float, str], Tuple[torch.Tensor, torch.Tensor]]  # (beta, module) -> V [n, R], Delta V / sigma [m, R]
 
 
+def sketched_outside(gradient: torch.Tensor, projected: torch.Tensor, w: torch.Tensor, probe: torch.Tensor) -> float:
+    """||G (I - W W^T) P||_F for G [m, n], G W [m, s], W [n, s] and a Gaussian sketch P [n, p]:
+    about sqrt(p) ||G (I - W W^T)||_F (E ||A P||_F^2 = p ||A||_F^2), for 2 m n p flops."""
+    return float(torch.linalg.matrix_norm(gradient @ probe - projected @ (w.T @ probe)))
+
+
+def rounding_outside(stats: Statistics, name: str, projected: torch.Tensor, z: torch.Tensor, floor: float) -> float:
+    """The largest ``sketched_outside`` (8 columns) that rounding alone explains for a module whose
+    G has no rows outside the span of its input's tokens in exact arithmetic: G's sums over T tokens
+    (eps sqrt(T) sum_t |g_t| |x_t| / S, where sum_t |g_t| |x_t| <= T sqrt(sum(y) tr(Z))), the
+    sketch's products of length n, and the basis (eigenvector i off by about floor / z_i)."""
+    tokens = stats.inputs[stats.modules[name].input_key].num_tokens
+    eps = torch.finfo(stats.modules[name].g_sum.dtype).eps
+    sums = tokens * math.sqrt(float(stats.output_factor(name).sum()) * float(z.sum())) / stats.num_sequences
+    n = stats.modules[name].g_sum.shape[1]
+    sketch = torch.finfo(torch.float64).eps * math.sqrt(n) * float(torch.linalg.matrix_norm(projected))
+    basis = float(torch.linalg.matrix_norm(projected * (floor / z)))
+    return math.sqrt(TOKEN_BASIS_OVERSAMPLING) * (eps * math.sqrt(tokens) * sums + sketch + basis)
+
+
+def token_space_subspaces(stats: Statistics, names: Sequence[str], factors: InputFactors, cfg: LoraDAConfig,
+                          betas: Sequence[float], rank: int, population: int,
+                          eigh_on_host: bool = True) -> Dict[str, Dict[float, Tuple[torch.Tensor, torch.Tensor]]]:
+    """The exact subspaces of those of ``names`` (one shape) whose input has fewer counted tokens
+    than features: module -> beta -> (V [n, R], Delta V / sigma [m, R]).
+
+    With (W [n, s], z [s]) = ``factors.token_basis`` and S = span(W), Zd is diag(z + damping) on S
+    and damping I on its complement, where Z vanishes. When G has no rows outside S (every token
+    with an output gradient is counted), Delta = Delta_S W^T with Delta_S = -diag(d) (G W)
+    diag(z + damping)^-1 [m, s], and Omega' = sigma^2 Omega is -alpha Delta_S^T Delta_S + c' Zd^-1
+    on S and c' / damping on the complement: its smallest eigenvectors come from an s x s
+    eigenproblem, solved densely (the modules of one s together). A module is left to the full
+    solve when G reaches outside S beyond the rounding of its sums, when s < r, or when the
+    complement's eigenvalue is not above the r-th smallest on S."""
+    problems = []  # (name, W, Delta_S, c' per beta, damping)
+    for name in names:
+        key = stats.modules[name].input_key
+        basis = factors.token_basis(key)
+        if basis is None or basis[0].shape[1] < rank:
+            continue
+        w, z = basis
+        gradient = stats.gradient(name, w.device).double()
+        projected = gradient @ w  # [m, s]
+        if sketched_outside(gradient, projected, w, factors.probe(w.shape[0], TOKEN_BASIS_OVERSAMPLING)) > \
+                rounding_outside(stats, name, projected, z, factors.floors[key]):
+            continue
+        d = output_scaling(stats, name, stats.output_fisher, cfg.damping, w.device)
+        delta = -d[:, None] * projected / (z + factors.dampings[key])
+        if not bool(delta.any()):
+            raise ValueError(f"module {name!r}: the gradient is zero, LoRA-DA has no direction to follow")
+        problems.append((name, w, delta, [beta * float(d.sum()) / population for beta in betas], factors.dampings[key],
+                         z))
+    out: Dict[str, Dict[float, Tuple[torch.Tensor, torch.Tensor]]] = {}
+    for size in sorted({p[1].shape[1] for p in problems}):
+        group = [p for p in problems if p[1].shape[1] == size]
+        grams = torch.stack([delta.T @ delta for _, _, delta, _, _, _ in group])  # [b, s, s]
+        sigma2 = eigh(grams, on_host=eigh_on_host)[0][:, -1] if cfg.normalize_delta else torch.ones(len(group))
+        for j, beta in enumerate(betas):
+            variance = torch.stack([torch.diag(c[j] / (z + damping)) for _, _, _, c, damping, z in group])
+            values, vectors = eigh(-cfg.bias_weight * grams + variance, on_host=eigh_on_host)
+            for i, (name, w, delta, c, damping, _) in enumerate(group):
+                if float(values[i, rank - 1]) >= c[j] / damping:
+                    out.pop(name, None)
+                    continue
+                if j and name not in out:
+                    continue
+                v = fix_signs(w @ vectors[i, :, :rank])
+                out.setdefault(name, {})[beta] = v, delta @ (w.T @ v) / math.sqrt(float(sigma2[i]))
+    return {name: found for name, found in out.items() if len(found) == len(betas)}
+
+
 def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]], betas: List[float],
            device: Union[str, torch.device, None], progress: bool):
     """Factors of every module for every (beta, rank set index) on ``device``, and the report."""
@@ -347,7 +456,7 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
               for chunk in _chunks(stats, group, shape, budget,
                                    solve_batch_modules(device, shape[1], shape[2] + cfg.solver_oversampling))]
     readers = Counter(stats.modules[n].input_key for _, chunk in chunks for n in chunk)
-    factors = InputFactors(stats, cfg.damping, device)
+    factors = InputFactors(stats, cfg.damping, device, cfg.seed)
     batched = _BatchedSolver(stats, cfg, population, factors, device)
     eigh_on_host = cfg.solver_small_eigh == "host"
     subspaces: Subspaces = {}
@@ -361,8 +470,14 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
         solver = resolve_solver(cfg.solver, n)
         info = report.setdefault(f"{m}x{n}, r={rank}", {"solver": solver, "modules": 0, "converged": True})
         info["modules"] += len(chunk)
-        if solver == "exact":
-            for name in chunk:
+        in_token_space = token_space_subspaces(stats, chunk, factors, cfg, betas, rank, population, eigh_on_host)
+        for name, found in in_token_space.items():
+            subspaces.update({(beta, name): subspace for beta, subspace in found.items()})
+        info.setdefault("token_space", {}).update(
+            {name: factors.bases[stats.modules[name].input_key][0].shape[1] for name in in_token_space})
+        rest = [name for name in chunk if name not in in_token_space]
+        if rest and solver == "exact":
+            for name in rest:
                 key = stats.modules[name].input_key
                 ng = natural_gradient(stats, name, factors.cholesky(key), cfg)
                 for beta in betas:
@@ -370,13 +485,14 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
                     zd_inv = factors.inverse(key) if c != 0.0 else None
                     v = fix_signs(exact_subspace(ng.delta_hat, zd_inv, c, cfg.bias_weight, rank, eigh_on_host))
                     subspaces[(beta, name)] = v, ng.delta_hat @ v
-        else:
-            results, sigma_info = batched.solve(chunk, rank, betas, last_readers)
+        elif rest:
+            results, sigma_info = batched.solve(rest, rank, betas, last_readers)
             for beta, (v, lora_b, convergence) in zip(betas, results):
-                for i, name in enumerate(chunk):
+                for i, name in enumerate(rest):
                     subspaces[(beta, name)] = v[i], lora_b[i]
-                _record(info, chunk, convergence, "iterations", "residual", "unconverged")
-            _record(info, chunk, sigma_info, "sigma_iterations", "sigma_change", "sigma_unconverged")
+                _record(info, rest, convergence, "iterations", "residual", "unconverged")
+            _record(info, rest, sigma_info, "sigma_iterations", "sigma_change", "sigma_unconverged")
+        info.setdefault("dampings", {}).update({name: factors.dampings[stats.modules[name].input_key] for name in chunk})
         for key in last_readers:
             factors.release(key)
     warn_unconverged(report, cfg)

@@ -14,13 +14,13 @@ BLOCK_BYTES = 50_000  # one attention block (32.8 kB of fp64 accumulators) or on
 
 def test_plan_keeps_blocks_whole_and_packs_them():
     targets = find_targets(tiny_llama(seed=0), None)
-    assert plan_groups(targets, 8, None) == [list(targets)]
-    groups = plan_groups(targets, 8, BLOCK_BYTES)
+    assert plan_groups(targets, 8, 8, None) == [list(targets)]
+    groups = plan_groups(targets, 8, 8, BLOCK_BYTES)
     assert [sorted({name.rsplit(".", 1)[0] for name in group}) for group in groups] == [
         ["model.layers.0.self_attn"], ["model.layers.0.mlp"], ["model.layers.1.self_attn"], ["model.layers.1.mlp"]]
-    assert len(plan_groups(targets, 8, 2 * BLOCK_BYTES)) == 2
+    assert len(plan_groups(targets, 8, 8, 2 * BLOCK_BYTES)) == 2
     with pytest.raises(ValueError, match=r"max_memory=1000 bytes cannot hold the accumulators of \['model.layers.0"):
-        plan_groups(targets, 8, 1000)
+        plan_groups(targets, 8, 8, 1000)
 
 
 def test_budget_forcing_several_passes_gives_the_factors_of_one_pass():

@@ -12,6 +12,7 @@ SHAPES = [  # (B, L, n, [m_k])
     (2, 7, 13, [11, 5, 13]),  # odd sizes, several modules on one input
     (3, 0, 4, [6]),  # zero tokens
     (4, 9, 33, [17]),
+    (2, 9, 400, [7]),  # several panels of the reference's Z update, the last one short
 ]
 
 
@@ -68,7 +69,7 @@ def test_fisher_update_matches_loops(shape, mask_kind, dtype):
     reference.fisher_update(x, mask, grads, z, gs, ys, seqs)
     want_z, want = naive(x, mask, grads)
     tol = {"atol": 1e-9, "rtol": 1e-9} if acc == torch.float64 else {"atol": 1e-4, "rtol": 1e-5}
-    torch.testing.assert_close(z.double(), z0.double() + want_z, **tol)
+    torch.testing.assert_close(torch.triu(z).double(), torch.triu(z0.double() + want_z), **tol)
     for k, (want_g, want_y, want_seq) in enumerate(want):
         torch.testing.assert_close(gs[k].double(), g0[k].double() + want_g, **tol)
         torch.testing.assert_close(ys[k].double(), y0[k].double() + want_y, **tol)
@@ -85,7 +86,7 @@ def test_fisher_update_accumulates_over_calls_and_skips_z():
         reference.fisher_update(x, mask, [g], z, [big_g], [y])
     x_all, g_all = torch.cat(xs), torch.cat(gs)
     want_z, [(want_g, want_y, _)] = naive(x_all, torch.ones(6, 5, dtype=torch.bool), [g_all])
-    torch.testing.assert_close(z.double(), want_z, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(torch.triu(z).double(), torch.triu(want_z), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(big_g.double(), want_g, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(y.double(), want_y, atol=1e-4, rtol=1e-5)
     untouched = torch.zeros(4, 7)

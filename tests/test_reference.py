@@ -170,10 +170,12 @@ def test_shared_inputs_detected_from_tensors():
     assert len(groups) == 8
 
 
-def test_statistics_of_a_bf16_model_accumulate_in_fp32():
+@pytest.mark.parametrize("input_factor_dtype", ["float32", "float64"])
+def test_statistics_of_a_bf16_model_accumulate_in_fp32_and_z_in_its_own_dtype(input_factor_dtype):
     model = tiny_llama(dtype=torch.bfloat16)
-    stats = lora_da.collect_statistics(model, random_batches([2]), progress=False)
+    stats = lora_da.collect_statistics(model, random_batches([2]), input_factor_dtype=input_factor_dtype,
+                                       progress=False)
     assert stats.dtype == torch.float32
-    assert all(e.z_sum.dtype == torch.float32 for e in stats.inputs.values())
+    assert all(e.z_sum.dtype == getattr(torch, input_factor_dtype) for e in stats.inputs.values())
     factors = lora_da.solve(stats, progress=False, rank=2)
     assert all(f.lora_A.dtype == torch.float32 and torch.isfinite(f.lora_B).all() for f in factors.values())
