@@ -127,7 +127,7 @@ def measured_rates() -> dict:
 
 def solve_with_phases(stats, rank: int) -> dict:
     meter = Meter()
-    meter.time(SOLVE.InputFactors, "prepare", "input factors", factor_flops)
+    meter.time(SOLVE.InputFactors, "stacked_inverses", "input factors", factor_flops)
     meter.time(SOLVE, "token_space_subspaces", "token space")
     meter.time(SOLVE._BatchedSolver, "operator", "stacking (includes input factors)")
     meter.time(SOLVE, "smallest_eigenvectors", "LOBPCG (includes its applies)")

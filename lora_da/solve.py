@@ -22,7 +22,7 @@ SOLVE_BATCH_BYTES = 2**31  # the randomized solver stacks at most this much of G
 # on CPUs, the solver's widest fp64 block [b, n, 3k] stays below glibc's largest mmap threshold: larger
 # blocks are mapped afresh at each allocation and page-faulted anew (RESULTS.md, "Eigensolver (CPU)")
 CPU_BLOCK_BYTES = 32 * 2**20
-SIGMA_TOLERANCE = 1e-10  # relative change of sigma^2 at which the randomized path's sigma iteration stops
+SIGMA_TOLERANCE = 1e-8  # relative change of sigma^2 at which the randomized path's sigma iteration stops
 TOKEN_BASIS_OVERSAMPLING = 8  # extra columns of the range finder of Z when it has fewer tokens than features
 
 
@@ -55,7 +55,8 @@ class Factors(dict):
     """{module name: LoraFactors}, as ``solve`` returns them, with ``report``: what the solver did
     per module shape ("m x n, r=..") as ``{"solver", "modules", "converged"}``, ``dampings``:
     module -> the damping of its input factor (the config's, or the rounding floor of fp32 sums,
-    see ``InputFactors``), and for the
+    see ``InputFactors``), ``token_space``: module -> s for the modules solved in the span of their
+    input's s tokens (``token_space_subspaces``), and for the
     randomized solver the largest ``iterations`` and ``residual`` of the eigenvectors, the largest
     ``sigma_iterations`` and ``sigma_change`` (last relative change of sigma^2) of the sigma
     iteration, and ``unconverged`` / ``sigma_unconverged``: module -> residual or change, for the
@@ -170,7 +171,7 @@ class InputFactors:
     Zd = Z + damping I [n, n], Zd^-1 and Zd, each made once, one-threaded (the same bits however
     it is reached), and kept until ``release``. The damping of each input is chosen once: the
     config's, or the rounding floor of Z's sums where that is larger (``rounding_floor``). On CPUs
-    ``prepare`` makes the factors of several inputs side by side on host threads."""
+    ``stacked_inverses`` makes the factors of several inputs side by side on host threads."""
 
     def __init__(self, stats: Statistics, damping: float, device: torch.device, seed: int = 0):
         self.stats, self.damping, self.device, self.seed = stats, damping, device, seed
@@ -191,7 +192,7 @@ class InputFactors:
 
     def _factor(self, key: str) -> torch.Tensor:
         """Factor input ``key`` into ``self.factors[key]`` (made here unless it is there
-        already, e.g. allocated by ``prepare``), in place: the sums are copied in, scaled and
+        already, e.g. allocated by ``stacked_inverses``), in place: the sums are copied in, scaled and
         damped there; returns L. Z's sums are symmetric: Cholesky reads their lower triangle."""
         entry = self.stats.inputs[key]
         zd = self.factors.get(key)
@@ -245,20 +246,31 @@ class InputFactors:
         z = self.stats.input_factor(key, self.device).double()
         return z + self.dampings[key] * torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
 
-    def prepare(self, keys: Iterable[str]) -> None:
-        """On CPUs, L and Zd^-1 of the inputs ``keys`` side by side on host threads, written into
-        tensors made here (see ``eigensolver._host_eigh``)."""
-        missing = [key for key in dict.fromkeys(keys) if key not in self.inverses]
-        if self.device.type != "cpu" or len(missing) < 2:
-            return
-        for key in missing:
-            n = self.stats.inputs[key].z_sum.shape[0]
-            self.factors[key], self.inverses[key] = (torch.empty(n, n, dtype=torch.float64) for _ in range(2))
+    def stacked_inverses(self, keys: Sequence[str]) -> torch.Tensor:
+        """Zd^-1 of the inputs ``keys`` (one n) stacked [u, n, n]. Those not made yet are written
+        into the stack itself, on CPUs side by side on host threads (their factors in tensors made
+        here: see ``eigensolver._host_eigh``), and ``inverse`` hands out views of it until
+        ``release``."""
+        n = self.stats.inputs[keys[0]].z_sum.shape[0]
+        out = torch.empty(len(keys), n, n, dtype=torch.float64, device=self.device)
+        missing = []
+        for j, key in enumerate(keys):
+            if key in self.inverses:
+                out[j] = self.inverses[key]
+            else:
+                missing.append(j)
+                self.factors[keys[j]] = torch.empty(n, n, dtype=torch.float64, device=self.device)
 
-        def factor_and_invert(key: str) -> None:
-            torch.cholesky_inverse(self._factor(key), out=self.inverses[key])
+        def factor_and_invert(j: int) -> None:
+            torch.cholesky_inverse(self._factor(keys[j]), out=out[j])
+            self.inverses[keys[j]] = out[j]
 
-        on_host_threads(factor_and_invert, missing)
+        if self.device.type == "cpu":
+            on_host_threads(factor_and_invert, missing)
+        else:
+            for j in missing:
+                factor_and_invert(j)
+        return out
 
     def release(self, key: str) -> None:
         """Forget the factors of an input no module still to be solved reads."""
@@ -365,7 +377,7 @@ def token_space_subspaces(stats: Statistics, names: Sequence[str], factors: Inpu
     eigenproblem, solved densely (the modules of one s together). A module is left to the full
     solve when G reaches outside S beyond the rounding of its sums, when s < r, or when the
     complement's eigenvalue is not above the r-th smallest on S."""
-    problems = []  # (name, W, Delta_S, c' per beta, damping)
+    problems = []
     for name in names:
         key = stats.modules[name].input_key
         basis = factors.token_basis(key)
@@ -381,25 +393,34 @@ def token_space_subspaces(stats: Statistics, names: Sequence[str], factors: Inpu
         delta = -d[:, None] * projected / (z + factors.dampings[key])
         if not bool(delta.any()):
             raise ValueError(f"module {name!r}: the gradient is zero, LoRA-DA has no direction to follow")
-        problems.append((name, w, delta, [beta * float(d.sum()) / population for beta in betas], factors.dampings[key],
-                         z))
+        problems.append(_TokenSpaceProblem(name, w, delta, 1.0 / (z + factors.dampings[key]), factors.dampings[key],
+                                           float(d.sum()) / population))
     out: Dict[str, Dict[float, Tuple[torch.Tensor, torch.Tensor]]] = {}
-    for size in sorted({p[1].shape[1] for p in problems}):
-        group = [p for p in problems if p[1].shape[1] == size]
-        grams = torch.stack([delta.T @ delta for _, _, delta, _, _, _ in group])  # [b, s, s]
+    for size in sorted({problem.basis.shape[1] for problem in problems}):
+        group = [problem for problem in problems if problem.basis.shape[1] == size]
+        grams = torch.stack([problem.delta.T @ problem.delta for problem in group])  # [b, s, s]
         sigma2 = eigh(grams, on_host=eigh_on_host)[0][:, -1] if cfg.normalize_delta else torch.ones(len(group))
-        for j, beta in enumerate(betas):
-            variance = torch.stack([torch.diag(c[j] / (z + damping)) for _, _, _, c, damping, z in group])
+        for beta in betas:
+            variance = torch.stack([torch.diag(beta * p.variance_scale * p.zd_inv) for p in group])
             values, vectors = eigh(-cfg.bias_weight * grams + variance, on_host=eigh_on_host)
-            for i, (name, w, delta, c, damping, _) in enumerate(group):
-                if float(values[i, rank - 1]) >= c[j] / damping:
-                    out.pop(name, None)
-                    continue
-                if j and name not in out:
-                    continue
-                v = fix_signs(w @ vectors[i, :, :rank])
-                out.setdefault(name, {})[beta] = v, delta @ (w.T @ v) / math.sqrt(float(sigma2[i]))
+            for i, problem in enumerate(group):
+                if float(values[i, rank - 1]) < beta * problem.variance_scale / problem.damping:  # the complement's
+                    v = fix_signs(problem.basis @ vectors[i, :, :rank])
+                    lora_b = problem.delta @ (problem.basis.T @ v) / math.sqrt(float(sigma2[i]))
+                    out.setdefault(problem.name, {})[beta] = v, lora_b
     return {name: found for name, found in out.items() if len(found) == len(betas)}
+
+
+@dataclass
+class _TokenSpaceProblem:
+    """One module's problem in the span S of its input's tokens (``token_space_subspaces``)."""
+
+    name: str
+    basis: torch.Tensor  # W [n, s]
+    delta: torch.Tensor  # Delta W [m, s]
+    zd_inv: torch.Tensor  # Zd^-1 on S, the diagonal [s]
+    damping: float  # Zd^-1 is 1 / damping on the complement of S
+    variance_scale: float  # c' / beta = sum(d) / N
 
 
 def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]], betas: List[float],
@@ -559,12 +580,12 @@ class _BatchedSolver:
         stats, cfg, factors, device = self.stats, self.cfg, self.factors, self.device
         keys = [stats.modules[name].input_key for name in names]
         distinct = list(dict.fromkeys(keys))
-        factors.prepare(distinct)
         d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping, device) for name in names])
+        gradient = _stacked([lambda name=name: stats.modules[name].g_sum.to(device) for name in names], torch.float64)
         op = BlockOperator(
-            gradient=_stacked([lambda name=name: stats.gradient(name, device) for name in names], torch.float64),
+            gradient=gradient.div_(stats.num_sequences),
             d=d,
-            zd_inv=_stacked([lambda key=key: factors.inverse(key) for key in distinct]),
+            zd_inv=factors.stacked_inverses(distinct),
             owner=torch.tensor([distinct.index(key) for key in keys]),  # on the host
             variance=torch.zeros(len(names), dtype=d.dtype, device=d.device),
             bias_weight=cfg.bias_weight,

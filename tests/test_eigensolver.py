@@ -156,7 +156,7 @@ def test_randomized_solve_equals_exact_on_a_model(beta, mixed):
     report = fast.report
     assert {info["solver"] for info in report.values()} == {"randomized"}
     assert all(info["residual"] <= cfg.solver_tolerance and info["converged"] for info in report.values())
-    assert all(info["sigma_change"] <= 1e-10 and not info["sigma_unconverged"] for info in report.values())
+    assert all(info["sigma_change"] <= 1e-8 and not info["sigma_unconverged"] for info in report.values())
     for name in exact:
         ba_exact = exact[name].lora_B @ exact[name].lora_A
         ba_fast = fast[name].lora_B @ fast[name].lora_A
@@ -267,15 +267,16 @@ def test_batches_bounded_in_memory_give_the_same_factors(monkeypatch, limit):
 
 
 def test_factors_made_on_host_threads_equal_those_made_one_at_a_time():
-    """``InputFactors.prepare`` (Cholesky factors and inverses side by side on host threads)
-    against the lazy path, input by input, with fp32 sums damped at their rounding floor."""
+    """``InputFactors.stacked_inverses`` (Cholesky factors and inverses side by side on host
+    threads, written into one stack) against the lazy path, input by input, with fp32 sums damped
+    at their rounding floor."""
     from lora_da.solve import InputFactors, rounding_floor
 
     stats = lora_da.collect_statistics(tiny_llama(seed=6, dtype=torch.float32), random_batches([4, 4], seed=7),
                                        input_factor_dtype="float32", progress=False)
-    keys = list(stats.inputs)
+    keys = [key for key, entry in stats.inputs.items() if entry.z_sum.shape[0] == 24]  # one width per stack
     together, alone = (InputFactors(stats, 1e-12, torch.device("cpu")) for _ in range(2))
-    together.prepare(keys)
+    stack = together.stacked_inverses(keys)
     for key in keys:
         alone.inverse(key)
     assert together.dampings == alone.dampings
@@ -285,6 +286,7 @@ def test_factors_made_on_host_threads_equal_those_made_one_at_a_time():
         assert together.dampings[key] == pytest.approx(floor, rel=1e-6) and floor > 1e-12
         assert torch.equal(together.factors[key], alone.factors[key])
         assert torch.equal(together.inverses[key], alone.inverses[key])
+        assert torch.equal(stack[keys.index(key)], alone.inverses[key])
         zd = z + together.dampings[key] * torch.eye(z.shape[0], dtype=torch.float64)
         assert torch.equal(together.damped(key), zd)
 
