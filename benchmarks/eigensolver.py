@@ -42,6 +42,9 @@ TYPES = {  # module -> (input group, out features key, in features key)
 }
 
 
+TOKENS = 4096  # counted tokens the synthetic sums stand for (more than n: Z is of full rank)
+
+
 def synthetic_statistics(hidden: int, mlp: int, layers: int, device: str, seed: int = 0,
                          dtype: torch.dtype = torch.float64) -> Statistics:
     """Llama-shaped statistics with decaying spectra, stored in ``dtype`` (collection gives fp32;
@@ -60,11 +63,11 @@ def synthetic_statistics(hidden: int, mlp: int, layers: int, device: str, seed: 
                 keys[group] = name
                 decay = torch.arange(1, n + 1, device=device, dtype=torch.float64) ** -(1.5 + 0.1 * layer)
                 q = bases[n]
-                inputs[name] = InputStatistics((), ((q * decay) @ q.T).to(dtype), 1)
+                inputs[name] = InputStatistics((), ((q * decay) @ q.T * TOKENS).to(dtype), TOKENS)
             g = torch.randn(m, n, generator=gen, device=device, dtype=torch.float64)
             g = g * torch.arange(1, n + 1, device=device, dtype=torch.float64) ** -0.5 * 1e-3
             y = torch.rand(m, generator=gen, device=device, dtype=torch.float64) * 1e-6 + 1e-8
-            modules[name] = ModuleStatistics(keys[group], g.to(dtype), y.to(dtype))
+            modules[name] = ModuleStatistics(keys[group], g.to(dtype), (y * TOKENS).to(dtype))
     for key in inputs:
         inputs[key].modules = tuple(n for n, s in modules.items() if s.input_key == key)
     return Statistics(modules, inputs, num_sequences=1, population_size=100_000, token_mask="attention",

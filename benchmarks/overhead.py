@@ -16,12 +16,12 @@ reaches them alike), one discarded warm-up round, medians over ``--repeats`` rou
   10 iterations per module.
 
 Prints the ratios time(lora_da) / time(train) and time(multi_pass) / time(lora_da), the phases,
-each variant's peak resident memory above the resident set before it ran (Linux VmHWM, reset
-before every run), and the floor of collection: a training pass plus the products that only
-collection makes, G (2 T m n per module over every token) and the upper triangle of Z (T n^2 per
-distinct input over the counted tokens, with the reference's panels: (1 + 192 / n) T n^2 / 2 * 2),
-at this machine's measured fp32 and fp64 matrix-product rates. Writes overhead.json under $OUT
-(default ./outputs).
+and the floor of collection: a training pass plus the products that only collection makes, G
+(2 T m n per module over every token) and the upper triangle of Z (the reference's panels of 192
+rows: T n (n + 192) per distinct input over the counted tokens), at this machine's measured
+matrix-product rates in their dtypes. Peak memory is not measured here: in one process each
+variant reuses what the one before freed (``benchmarks/scale_out.py`` measures it in processes
+of their own). Writes overhead.json under $OUT (default ./outputs).
 """
 from __future__ import annotations
 
@@ -34,9 +34,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from process_memory import reset_peak, resident_bytes  # noqa: E402
 
 VARIANTS = ("train", "lora_da", "multi_pass")
 LAYERS_PER_PASS = 8
@@ -190,22 +187,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     model, batches = setup(args.reviews)
     runs = {variant: [] for variant in args.variants}
-    peaks = {variant: [] for variant in args.variants}
     for round_index in range(args.repeats + 1):
         for variant in args.variants:
-            before = resident_bytes()
-            reset_peak()
             record = RUNS[variant](model, batches)
             if round_index:  # the first round warms up
                 runs[variant].append(record)
-                peaks[variant].append(resident_bytes("VmHWM") - before)
     records = {}
     for variant in args.variants:
         medians = {key: statistics.median(r[key] for r in runs[variant]) for key in runs[variant][0]}
-        records[variant] = {"median_seconds": medians, "runs": runs[variant], "peak_above_bytes": peaks[variant]}
+        records[variant] = {"median_seconds": medians, "runs": runs[variant]}
         print(f"{variant:<11} median {medians['total']:8.2f} s  runs " + ", ".join(f"{r['total']:.2f}" for r in runs[variant])
-              + f"  peak {max(peaks[variant]) / 2**30:+5.2f} GiB  "
-              + "  ".join(f"{k} {v:.2f}" for k, v in medians.items() if k != "total"), flush=True)
+              + "  " + "  ".join(f"{k} {v:.2f}" for k, v in medians.items() if k != "total"), flush=True)
     total = {v: records[v]["median_seconds"]["total"] for v in records}
     if {"train", "lora_da"} <= total.keys():
         floor = collection_floor(model, batches)

@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from . import dispatch, distributed
 from .config import LoraDAConfig, resolve_config
-from .kernels import reference
 from .statistics import InputStatistics, ModuleStatistics, Statistics
 from .targets import Target, find_targets
 
@@ -258,7 +257,7 @@ class _Collector:
         impl = dispatch.resolve("fisher_update", self.cfg.backend, x.device, x.dtype)
         z_sum = self.inputs[key].z_sum
         if z_sum.dtype != dtype and impl.backend != "torch":  # the kernels sum Z in fp32 only
-            reference.fisher_update(x, mask, [], z_sum, [], [])
+            dispatch.find("fisher_update", "torch").fn(x, mask, [], z_sum, [], [])
             z_sum = None
         impl.fn(x, mask, grads, z_sum, [self.modules[m].g_sum for m in names], [self.modules[m].y_sum for m in names],
                 seq)

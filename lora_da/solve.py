@@ -207,7 +207,8 @@ class InputFactors:
         whose Z has rank at most T: (W [n, s], z [s]), orthonormal eigenvectors of Z and their
         eigenvalues, for the s eigenvalues above the rounding floor of Z's sums (the rest of R^n is
         Z's numerical null space); None for other inputs. Found by a randomized range finder with
-        T + TOKEN_BASIS_OVERSAMPLING columns, exact for a rank-T matrix, and Rayleigh-Ritz."""
+        T + TOKEN_BASIS_OVERSAMPLING columns, exact for a rank-T matrix, and Rayleigh-Ritz, then
+        checked on a Gaussian sketch: W diag(z) W^T must equal Z to its rounding floor."""
         if key not in self.bases:
             entry = self.stats.inputs[key]
             n, tokens = entry.z_sum.shape[0], entry.num_tokens
@@ -218,7 +219,12 @@ class InputFactors:
                 q = torch.linalg.qr(z @ self.probe(n, tokens + TOKEN_BASIS_OVERSAMPLING)).Q
                 values, vectors = eigh(q.T @ (z @ q))
                 kept = values > floor
-                self.bases[key], self.floors[key] = (q @ vectors[:, kept], values[kept]), floor
+                w, values = q @ vectors[:, kept], values[kept]
+                # statistics whose Z has a larger rank than their token count (edited, or made up) keep the full solve
+                probe = self.probe(n, TOKEN_BASIS_OVERSAMPLING)
+                missed = torch.linalg.matrix_norm(z @ probe - w @ (values[:, None] * (w.T @ probe)))
+                if float(missed) <= math.sqrt(TOKEN_BASIS_OVERSAMPLING * n) * floor:
+                    self.bases[key], self.floors[key] = (w, values), floor
         return self.bases[key]
 
     def probe(self, n: int, columns: int) -> torch.Tensor:

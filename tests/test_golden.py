@@ -37,15 +37,18 @@ def test_golden_fp64(golden, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_golden_fp32(golden, variant):
+    """An fp32 model, Z summed in fp64 (the default): the errors stay near fp64's (about 5e-6
+    measured). Z summed in fp32 takes the rounding floor of its sums as damping where that exceeds
+    the authors' (see tests/test_invariants.py), so it is not compared with their factors."""
     errors = relative_errors(golden, variant, torch.float32)
-    assert max(errors.values()) <= 1e-2, errors
+    assert max(errors.values()) <= 1e-4, errors
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_golden_fp32_triton(golden, variant):
     """The Triton kernels inside the whole pipeline."""
     errors = relative_errors(golden, variant, torch.float32, KERNEL_DEVICE, backend="triton")
-    assert max(errors.values()) <= 1e-2, errors
+    assert max(errors.values()) <= 1e-4, errors
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA extension's kernels run on a GPU")
@@ -53,7 +56,7 @@ def test_golden_fp32_triton(golden, variant):
 def test_golden_fp32_cuda(golden, variant):
     """The CUDA C++ kernels inside the whole pipeline."""
     errors = relative_errors(golden, variant, torch.float32, "cuda", backend="cuda")
-    assert max(errors.values()) <= 1e-2, errors
+    assert max(errors.values()) <= 1e-4, errors
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
