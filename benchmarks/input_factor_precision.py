@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import lora_da  # noqa: E402
 from lora_da.embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, split  # noqa: E402
@@ -102,16 +102,12 @@ def collection_seconds(model, batches, rounds: int) -> dict:
 
 def gram_update_ms(tokens: int = 243) -> dict:
     """Median ms of Z [n, n] += X^T X for X [tokens, n]: one full product against the panels."""
+    from gpu_check import bench_ms
     from lora_da.kernels.reference import add_upper_gram
 
     def median_ms(fn):
-        fn()
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return sorted(times)[2]
+        fn()  # warm-up
+        return bench_ms(fn, "cpu")
 
     records = {}
     for n in (576, 1536):
