@@ -64,20 +64,21 @@ class Meter:
 
     def time(self, owner, name: str, phase: str, flops=None):
         """Time ``owner.name`` under ``phase`` ("{dtype}" in it: the first argument's, an operator's
-        G or a tensor's), counting ``flops(*args)`` when given."""
+        G or a tensor's), counting ``flops(*args)`` when given (before the call: the input factors'
+        count reads which inverses are still to be made)."""
         original = getattr(owner, name)
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
+            first = getattr(args[0], "gradient", args[0])
+            label = phase.format(dtype=str(getattr(first, "dtype", "")).replace("torch.", ""))
+            if flops is not None:
+                self.flops[label] += flops(*args, **kwargs)
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                first = getattr(args[0], "gradient", args[0])
-                label = phase.format(dtype=str(getattr(first, "dtype", "")).replace("torch.", ""))
                 self.seconds[label] += time.perf_counter() - start
-                if flops is not None:
-                    self.flops[label] += flops(*args, **kwargs)
 
         setattr(owner, name, timed)
         self.patched.append((owner, name, original))
