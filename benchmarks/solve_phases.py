@@ -2,6 +2,7 @@
 
     python benchmarks/solve_phases.py                      # 8, 64 and 128 calibration reviews
     python benchmarks/solve_phases.py --reviews 128 --rank 64
+    python benchmarks/solve_phases.py --reviews 128 --normalize-variance-guidance   # plain, then with the option
 
 Collects the statistics of SmolLM2-135M-Instruct (all 210 linear layers) on the main job's reviews
 (batches of 8), then times one ``lora_da.solve`` at rank r with timers around its phases and
@@ -14,6 +15,8 @@ counts the floating-point work of each:
 * Omega' applies (4 n^2 c + 4 m n c per module and c columns), in fp32 (the working precision)
   and fp64 (refreshes and checks), inside the batched LOBPCG;
 * sigma (one Delta and one Delta^T per step, fp64);
+* with ``--normalize-variance-guidance``, the norms ||Delta^T Delta||_F (Delta formed once per
+  module, 2 m n^2, and its smaller Gram, 2 m n min(m, n), fp64);
 * the rest (lora_B = Delta V / sigma, the report) by subtraction, as the rest of LOBPCG
   (Rayleigh-Ritz, SVQB, small eigenproblems) is LOBPCG minus its applies.
 
@@ -94,6 +97,12 @@ def apply_flops(op, x) -> float:
     return batch * (4 * n * n + 4 * m * n) * x.shape[2]
 
 
+def gram_norm_flops(op) -> float:
+    """2 m n^2 + 2 m n min(m, n) per module: Delta formed, and its smaller Gram."""
+    batch, m, n = op.gradient.shape
+    return batch * (2 * m * n * n + 2 * m * n * min(m, n))
+
+
 def factor_flops(factors, keys) -> float:
     return sum(factors.stats.inputs[key].z_sum.shape[0] ** 3 for key in dict.fromkeys(keys)
                if key not in factors.inverses)
@@ -126,7 +135,7 @@ def measured_rates() -> dict:
     return rates
 
 
-def solve_with_phases(stats, rank: int) -> dict:
+def solve_with_phases(stats, rank: int, **options) -> dict:
     meter = Meter()
     meter.time(SOLVE.InputFactors, "stacked_inverses", "input factors", factor_flops)
     meter.time(SOLVE, "token_space_subspaces", "token space")
@@ -134,17 +143,19 @@ def solve_with_phases(stats, rank: int) -> dict:
     meter.time(SOLVE, "smallest_eigenvectors", "LOBPCG (includes its applies)")
     meter.time(eigensolver.BlockOperator, "omega", "Omega' applies, {dtype}", apply_flops)
     meter.time(SOLVE, "top_singular_values", "sigma")
+    meter.time(eigensolver.BlockOperator, "gram_norms", "||Delta^T Delta||_F", gram_norm_flops)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             start = time.perf_counter()
-            factors = lora_da.solve(stats, rank=rank, progress=False)
+            factors = lora_da.solve(stats, rank=rank, progress=False, **options)
             total = time.perf_counter() - start
     finally:
         meter.restore()
     seconds = dict(meter.seconds)
     seconds["rest"] = total - sum(seconds.get(k, 0.0) for k in ("token space", "stacking (includes input factors)",
-                                                                 "LOBPCG (includes its applies)", "sigma"))
+                                                                 "LOBPCG (includes its applies)", "sigma",
+                                                                 "||Delta^T Delta||_F"))
     return {"total": total, "seconds": seconds, "gflop": {k: v / 1e9 for k, v in meter.flops.items()},
             "report": {shape: {k: v for k, v in info.items() if k not in ("dampings", "token_space", "unconverged",
                                                                           "sigma_unconverged")}
@@ -164,6 +175,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reviews", type=int, nargs="+", default=[8, 64, 128])
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--normalize-variance-guidance", action="store_true",
+                        help="solve each set of statistics a second time with normalize_variance_guidance")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
@@ -172,19 +185,22 @@ def main(argv=None):
     records = {}
     for reviews in args.reviews:
         stats = main_job_statistics(model, tokenizer, reviews)
-        run = solve_with_phases(stats, args.rank)
-        run["floor"] = floor_seconds(stats, rates)
-        run["tokens"] = stats.num_tokens
-        records[reviews] = run
-        print(f"\n{reviews} reviews ({stats.num_tokens} counted tokens), r = {args.rank}: solve {run['total']:.2f} s; "
-              f"floor {run['floor']['input factors']:.2f} s input factors + {run['floor']['Delta products']:.2f} s "
-              f"Delta ({run['floor']['Delta GFLOP']:.0f} GFLOP)")
-        for phase, seconds in sorted(run["seconds"].items(), key=lambda item: -item[1]):
-            gflop = run["gflop"].get(phase)
-            work = f"  {gflop:8.1f} GFLOP  {gflop / seconds:6.1f} GFLOP/s" if gflop else ""
-            print(f"  {phase:<40} {seconds:7.2f} s{work}")
-        for shape, info in run["report"].items():
-            print(f"  {shape}: {info}")
+        variants = [{}] + ([{"normalize_variance_guidance": True}] if args.normalize_variance_guidance else [])
+        for options in variants:
+            run = solve_with_phases(stats, args.rank, **options)
+            run["floor"] = floor_seconds(stats, rates)
+            run["tokens"] = stats.num_tokens
+            records[f"{reviews}" + "".join(f", {key}" for key in options)] = run
+            print(f"\n{reviews} reviews ({stats.num_tokens} counted tokens), r = {args.rank}"
+                  f"{''.join(f', {key}' for key in options)}: solve {run['total']:.2f} s; "
+                  f"floor {run['floor']['input factors']:.2f} s input factors + {run['floor']['Delta products']:.2f} s "
+                  f"Delta ({run['floor']['Delta GFLOP']:.0f} GFLOP)")
+            for phase, seconds in sorted(run["seconds"].items(), key=lambda item: -item[1]):
+                gflop = run["gflop"].get(phase)
+                work = f"  {gflop:8.1f} GFLOP  {gflop / seconds:6.1f} GFLOP/s" if gflop else ""
+                print(f"  {phase:<40} {seconds:7.2f} s{work}")
+            for shape, info in run["report"].items():
+                print(f"  {shape}: {info}")
     out = Path(os.environ.get("OUT", ROOT / "outputs"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "solve_phases.json").write_text(json.dumps({"args": vars(args), "rates": rates, "records": records},

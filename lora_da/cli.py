@@ -61,6 +61,16 @@ def parser() -> argparse.ArgumentParser:
     method.add_argument("--bias-weight", metavar="ALPHA", type=float, default=1.0, help="alpha of the bias term (default 1)")
     method.add_argument("--damping", metavar="LAMBDA", type=float, default=1e-6, help="lambda (default 1e-6)")
     method.add_argument("--gamma", metavar="GAMMA", type=float, default=1024.0, help="step size gamma (default 1024)")
+    method.add_argument("--balance-factors", action="store_true",
+                        help="split B A as U S^1/2, S^1/2 W^T (independent of the subspace's basis)")
+    method.add_argument("--output-damping-ratio", metavar="RHO", type=float,
+                        help="damp the output factor by RHO * median(y) instead of lambda")
+    method.add_argument("--normalize-variance-guidance", action="store_true",
+                        help="give the variance term the bias term's Frobenius norm before beta weighs it")
+    method.add_argument("--delta-normalization-power", metavar="P", type=float, default=1.0,
+                        help="divide Delta by sigma^P * REF^(1-P) (default 1: by sigma)")
+    method.add_argument("--delta-normalization-reference", metavar="REF", type=float, default=1.0,
+                        help="REF of --delta-normalization-power (default 1)")
     method.add_argument("--solver", default="auto", choices=["auto", "exact", "randomized"])
     method.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
     method.add_argument("--max-memory", metavar="BYTES", help="bytes for the statistics, or 'auto' (default: unbounded)")
@@ -171,18 +181,25 @@ def run_init(args) -> None:
     if not model_dir.is_dir():
         raise BadInput(f"--model {model_dir}: no such folder")
     examples = read_examples(Path(args.data), args.text_field, args.prompt_field)
+    max_memory = args.max_memory if args.max_memory in (None, "auto") else _bytes(args.max_memory)
+    try:  # before the model is loaded
+        cfg = lora_da.LoraDAConfig(
+            population_size=args.population_size or len(examples), variance_weight=args.variance_weight,
+            bias_weight=args.bias_weight, damping=args.damping, gamma=args.gamma, solver=args.solver,
+            backend=args.backend, seed=args.seed, balance_factors=args.balance_factors,
+            output_damping_ratio=args.output_damping_ratio,
+            normalize_variance_guidance=args.normalize_variance_guidance,
+            delta_normalization_power=args.delta_normalization_power,
+            delta_normalization_reference=args.delta_normalization_reference,
+        )
+    except ValueError as error:
+        raise BadInput(str(error)) from None
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(model_dir, Path(args.tokenizer or args.model), args.dtype, args.device)
     batches = calibration_batches(examples[: args.samples], tokenizer, args)
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
                                                   target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"))
-    max_memory = args.max_memory if args.max_memory in (None, "auto") else _bytes(args.max_memory)
-    cfg = lora_da.LoraDAConfig(
-        population_size=args.population_size or len(examples), variance_weight=args.variance_weight,
-        bias_weight=args.bias_weight, damping=args.damping, gamma=args.gamma, solver=args.solver,
-        backend=args.backend, seed=args.seed,
-    )
     statistics = None
     if args.save_statistics:  # collect here (adapters off, as initialize does) to keep the statistics
         with peft_model.disable_adapter():

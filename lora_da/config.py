@@ -26,6 +26,13 @@ class LoraDAConfig:
     fp64 (False: fp64 throughout). ``solver_small_eigh``: on GPUs, where the solvers' small
     eigenproblems above 32 x 32 run: ``host`` threads (torch's CUDA eigh solves a batch of them
     one matrix at a time) or the ``device``.
+
+    The authors' further options (ALGORITHM.md; each default leaves the method unchanged):
+    ``output_damping_ratio`` rho damps the output factor by max(rho * median(y), tiny) instead of
+    lambda; ``delta_normalization_power`` p and ``delta_normalization_reference`` rho_Delta divide
+    Delta by s = sigma^p * rho_Delta^(1 - p) instead of sigma; ``normalize_variance_guidance``
+    rescales the variance term to the Frobenius norm of the bias term before beta weighs it;
+    ``balance_factors`` splits B = Delta_hat V = U S W^T as B = U S^1/2, A = S^1/2 W^T V^T.
     """
 
     rank: int = 8
@@ -48,6 +55,11 @@ class LoraDAConfig:
     solver_small_eigh: str = "host"
     backend: str = "auto"
     seed: int = 0
+    balance_factors: bool = False
+    output_damping_ratio: Optional[float] = None
+    normalize_variance_guidance: bool = False
+    delta_normalization_power: float = 1.0
+    delta_normalization_reference: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):
@@ -74,6 +86,15 @@ class LoraDAConfig:
             raise ValueError(f"solver_tolerance must be in (0, 1), got {self.solver_tolerance}")
         if self.solver_max_iterations < 1 or self.solver_oversampling < 0:
             raise ValueError("solver_max_iterations must be >= 1 and solver_oversampling >= 0")
+        if self.output_damping_ratio is not None and not self.output_damping_ratio >= 0:
+            raise ValueError(f"output_damping_ratio must be >= 0 or None, got {self.output_damping_ratio}")
+        if not 0 < self.delta_normalization_power <= 2:
+            raise ValueError(f"delta_normalization_power must be in (0, 2], got {self.delta_normalization_power}")
+        if not self.delta_normalization_reference > 0:
+            raise ValueError(f"delta_normalization_reference must be > 0, got {self.delta_normalization_reference}")
+        if self.normalize_variance_guidance and self.bias_weight == 0 and self.variance_weight > 0:
+            raise ValueError("normalize_variance_guidance scales the variance term to the bias term's norm: "
+                             "it needs bias_weight > 0")
         for field in ("population_size", "num_samples"):
             value = getattr(self, field)
             if value is not None and not (isinstance(value, int) and value >= 1):

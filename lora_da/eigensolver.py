@@ -101,6 +101,13 @@ def skinny_product(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (x.mT @ a.mT).mT
 
 
+def gram_norm(delta: torch.Tensor) -> torch.Tensor:
+    """||Delta^T Delta||_F [...] of Delta [..., m, n], from the smaller of the two Grams
+    (||Delta^T Delta||_F = ||Delta Delta^T||_F): 2 m n min(m, n) flops."""
+    gram = delta @ delta.mT if delta.shape[-2] <= delta.shape[-1] else delta.mT @ delta
+    return torch.linalg.matrix_norm(gram)
+
+
 @dataclass
 class BlockOperator:
     """Omega' of b stacked modules that read u distinct inputs.
@@ -163,6 +170,18 @@ class BlockOperator:
     def gram(self, x: torch.Tensor) -> torch.Tensor:
         """Delta^T Delta X [b, n, k]."""
         return self.delta_t(self.delta(x))
+
+    def gram_norms(self) -> torch.Tensor:
+        """||Delta_b^T Delta_b||_F [b], from Delta formed one input at a time (2 m n^2 flops per
+        module) and the smaller of its two Grams (2 m n min(m, n))."""
+        norms = self.d.new_empty(len(self.owner))
+        for j, idx in self.members:
+            norms[idx] = gram_norm(-self.d[idx, :, None] * (self.gradient[idx] @ self.zd_inv[j]))
+        return norms
+
+    def inverse_norms(self) -> torch.Tensor:
+        """||Zd_b^-1||_F [b]."""
+        return torch.linalg.matrix_norm(self.zd_inv)[self.owner.to(self.zd_inv.device)]
 
     def omega(self, x: torch.Tensor) -> torch.Tensor:
         """Omega' X [b, n, k] = Zd^-1 (alpha G^T (d * Delta X) + c' X)."""

@@ -1,19 +1,20 @@
 """From statistics to LoRA factors: natural-gradient estimate, guidance matrix, subspace."""
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from . import distributed
 from .config import LoraDAConfig, resolve_config
-from .eigensolver import (BlockOperator, SolveInfo, eigh, on_host_threads, on_one_thread, smallest_eigenvectors,
-                          top_singular_values)
+from .eigensolver import (BlockOperator, SolveInfo, eigh, gram_norm, on_host_threads, on_one_thread,
+                          smallest_eigenvectors, top_singular_values)
 from .statistics import Statistics
 
 
@@ -94,23 +95,71 @@ def damped_cholesky(zd: torch.Tensor, damping: float, what: str) -> torch.Tensor
     return zd
 
 
-def output_scaling(stats: Statistics, name: str, output_fisher: str, damping: float,
-                   device: Optional[torch.device] = None) -> torch.Tensor:
-    """d [m]: the diagonal of the inverse output Fisher factor (fp64, on ``device``)."""
-    if output_fisher == "diagonal":
-        return 1.0 / (stats.output_factor(name, device).double() + damping)
+def output_damping(y: torch.Tensor, cfg: LoraDAConfig) -> float:
+    """The output side's damping for y [m]: lambda, or with ``output_damping_ratio`` rho
+    max(rho * median(y), the smallest positive normal number of y's dtype)."""
+    if cfg.output_damping_ratio is None:
+        return cfg.damping
+    return max(cfg.output_damping_ratio * float(torch.median(y)), torch.finfo(y.dtype).tiny)
+
+
+def output_scaling(stats: Statistics, name: str, cfg: LoraDAConfig, device: Optional[torch.device] = None) -> torch.Tensor:
+    """d [m]: the diagonal of the inverse output Fisher factor (fp64, on ``device``), damped by
+    ``output_damping``."""
+    y = stats.output_factor(name, device)
+    damping = output_damping(y, cfg)
+    if stats.output_fisher == "diagonal":
+        return 1.0 / (y.double() + damping)
     p = stats.sequence_factor(name, device).double()  # [m, K]
     k = p.shape[1]
     gram = damping * torch.eye(k, dtype=p.dtype, device=p.device) + p.T @ p
-    solved = torch.cholesky_solve(p.T, torch.linalg.cholesky(gram)).T  # P (lambda I + P^T P)^-1
+    solved = torch.cholesky_solve(p.T, torch.linalg.cholesky(gram)).T  # P (lambda_y I + P^T P)^-1
     return torch.clamp_min(1.0 - (p * solved).sum(dim=1), 0.0) / damping
+
+
+def delta_scale(sigma: torch.Tensor, cfg: LoraDAConfig) -> torch.Tensor:
+    """s [b] that Delta is divided by, from its top singular values sigma [b]: sigma^p *
+    rho_Delta^(1 - p) with ``normalize_delta`` (sigma itself at the default p = 1), else 1."""
+    if not cfg.normalize_delta:
+        return torch.ones_like(sigma)
+    p = cfg.delta_normalization_power
+    return sigma if p == 1.0 else sigma**p * cfg.delta_normalization_reference ** (1.0 - p)
+
+
+def variance_coefficients(cfg: LoraDAConfig, beta: float, d_sum: torch.Tensor, population: int,
+                          norms: Callable[[], Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """c' [b] of Omega' = s^2 Omega = -alpha Delta^T Delta + c' Zd^-1 (the eigenvectors of Omega):
+    beta * sum(d) / N, from d_sum = sum(d) [b]. With ``normalize_variance_guidance``
+    the variance term takes the bias term's Frobenius norm before beta weighs it:
+    c' = beta * alpha * ||Delta^T Delta||_F / ||Zd^-1||_F, where ``norms()`` gives the two norms
+    [b], [b] (called only then); modules with sum(d) = 0 keep c' = 0."""
+    plain = beta * d_sum / population
+    if beta == 0.0 or not cfg.normalize_variance_guidance:
+        return plain
+    bias, inverse = norms()
+    return torch.where(d_sum > 0, beta * cfg.bias_weight * bias / inverse, plain)
+
+
+def column_signs(v: torch.Tensor) -> torch.Tensor:
+    """[..., 1, r]: +-1 per column of v [..., n, r], the sign of its largest-magnitude entry (+1 for zero columns)."""
+    index = v.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(v, -2, index))
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def fix_signs(v: torch.Tensor) -> torch.Tensor:
     """Flip each column of v [..., n, r] so that its largest-magnitude entry is positive."""
-    index = v.abs().argmax(dim=-2, keepdim=True)
-    signs = torch.sign(torch.gather(v, -2, index))
-    return v * torch.where(signs == 0, torch.ones_like(signs), signs)
+    return v * column_signs(v)
+
+
+def balanced(lora_b: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B [m, r], A [r, n]) with B A = lora_b V^T that do not depend on the basis V [n, r] of the
+    subspace: lora_b = U S W^T (thin SVD, each column of U and row of W^T flipped so that U's
+    largest-magnitude entry is positive), B = U S^1/2, A = S^1/2 W^T V^T."""
+    u, s, wt = torch.linalg.svd(lora_b, full_matrices=False)
+    signs = column_signs(u)  # [1, r]
+    root = s.sqrt()
+    return u * signs * root, (root[:, None] * signs.T * wt) @ v.T
 
 
 def exact_subspace(dhat: torch.Tensor, zd_inv: Optional[torch.Tensor], c: float, bias_weight: float, rank: int,
@@ -130,25 +179,35 @@ def exact_subspace(dhat: torch.Tensor, zd_inv: Optional[torch.Tensor], c: float,
 class NaturalGradient:
     """ALGORITHM.md step 2 for one module (fp64)."""
 
-    delta_hat: torch.Tensor  # [m, n]: Delta / sigma
-    sigma: float  # top singular value of Delta (1 when not normalising)
+    delta_hat: torch.Tensor  # [m, n]: Delta / s
+    scale: float  # s = delta_scale(sigma), sigma the top singular value of Delta (1 when not normalising)
     d: torch.Tensor  # [m]: output scaling
 
-    def variance_coefficient(self, cfg: LoraDAConfig, population_size: int) -> float:
-        """c = beta * sum(d) / (N * sigma^2)."""
-        return cfg.variance_weight * float(self.d.sum()) / (population_size * self.sigma**2)
+    def variance_coefficient(self, cfg: LoraDAConfig, population_size: int,
+                             zd_inverse: Optional[Callable[[], torch.Tensor]] = None) -> float:
+        """c of Omega = -alpha Delta_hat^T Delta_hat + c Zd^-1: c' / s^2 (``variance_coefficients``
+        at beta = cfg.variance_weight); ``zd_inverse()`` gives Zd^-1 [n, n] where
+        ``normalize_variance_guidance`` needs its norm."""
+        def norms():
+            if zd_inverse is None:
+                raise ValueError("normalize_variance_guidance needs Zd^-1 (zd_inverse)")
+            return gram_norm(self.delta_hat)[None] * self.scale**2, torch.linalg.matrix_norm(zd_inverse())[None]
+
+        c = variance_coefficients(cfg, cfg.variance_weight, self.d.sum()[None], population_size, norms)
+        return float(c[0]) / self.scale**2
 
 
 def natural_gradient(stats: Statistics, name: str, chol: torch.Tensor, cfg: LoraDAConfig) -> NaturalGradient:
     """Delta = -diag(d) G Zd^-1 by Cholesky solves with the lower factor ``chol`` [n, n] of the
-    module's Zd, normalised by its top singular value; on ``chol``'s device."""
-    d = output_scaling(stats, name, stats.output_fisher, cfg.damping, chol.device)
+    module's Zd, divided by ``delta_scale`` of its top singular value; on ``chol``'s device."""
+    d = output_scaling(stats, name, cfg, chol.device)
     gradient = stats.gradient(name, chol.device).double()
     delta = -d[:, None] * torch.cholesky_solve(gradient.T, chol).T
-    sigma = float(torch.linalg.matrix_norm(delta, ord=2)) if cfg.normalize_delta else 1.0
-    if sigma == 0.0:
+    if not bool(delta.any()):
         raise ValueError(f"module {name!r}: the gradient is zero, LoRA-DA has no direction to follow")
-    return NaturalGradient(delta / sigma, sigma, d)
+    sigma = torch.linalg.matrix_norm(delta, ord=2) if cfg.normalize_delta else torch.ones((), dtype=delta.dtype)
+    scale = float(delta_scale(sigma, cfg))
+    return NaturalGradient(delta / scale, scale, d)
 
 
 def check_counted_tokens(stats: Statistics) -> None:
@@ -346,7 +405,7 @@ def solve_sweep(
     return {(beta, rank): Factors(sweep[(beta, i)], report) for beta in betas for i, rank in enumerate(rank_list)}
 
 
-Subspaces = Dict[Tuple[float, str], Tuple[torch.Tensor, torch.Tensor]]  # (beta, module) -> V [n, R], Delta V / sigma [m, R]
+Subspaces = Dict[Tuple[float, str], Tuple[torch.Tensor, torch.Tensor]]  # (beta, module) -> V [n, R], Delta V / s [m, R]
 
 
 def sketched_outside(gradient: torch.Tensor, projected: torch.Tensor, w: torch.Tensor, probe: torch.Tensor) -> float:
@@ -373,12 +432,12 @@ def token_space_subspaces(stats: Statistics, names: Sequence[str], factors: Inpu
                           betas: Sequence[float], rank: int, population: int,
                           eigh_on_host: bool = True) -> Dict[str, Dict[float, Tuple[torch.Tensor, torch.Tensor]]]:
     """The exact subspaces of those of ``names`` (one shape) whose input has fewer counted tokens
-    than features: module -> beta -> (V [n, R], Delta V / sigma [m, R]).
+    than features: module -> beta -> (V [n, R], Delta V / s [m, R]).
 
     With (W [n, s], z [s]) = ``factors.token_basis`` and S = span(W), Zd is diag(z + damping) on S
     and damping I on its complement, where Z vanishes. When G has no rows outside S (every token
     with an output gradient is counted), Delta = Delta_S W^T with Delta_S = -diag(d) (G W)
-    diag(z + damping)^-1 [m, s], and Omega' = sigma^2 Omega is -alpha Delta_S^T Delta_S + c' Zd^-1
+    diag(z + damping)^-1 [m, s], and Omega' = s^2 Omega is -alpha Delta_S^T Delta_S + c' Zd^-1
     on S and c' / damping on the complement: its smallest eigenvectors come from an s x s
     eigenproblem, solved densely (the modules of one s together). A module is left to the full
     solve when G reaches outside S beyond the rounding of its sums, when s < r, or when the
@@ -395,24 +454,35 @@ def token_space_subspaces(stats: Statistics, names: Sequence[str], factors: Inpu
         if sketched_outside(gradient, projected, w, factors.probe(w.shape[0], TOKEN_BASIS_OVERSAMPLING)) > \
                 rounding_outside(stats, name, projected, z, factors.floors[key]):
             continue
-        d = output_scaling(stats, name, stats.output_fisher, cfg.damping, w.device)
+        d = output_scaling(stats, name, cfg, w.device)
         delta = -d[:, None] * projected / (z + factors.dampings[key])
         if not bool(delta.any()):
             raise ValueError(f"module {name!r}: the gradient is zero, LoRA-DA has no direction to follow")
         problems.append(_TokenSpaceProblem(name, w, delta, 1.0 / (z + factors.dampings[key]), factors.dampings[key],
-                                           float(d.sum()) / population))
+                                           float(d.sum())))
     out: Dict[str, Dict[float, Tuple[torch.Tensor, torch.Tensor]]] = {}
     for size in sorted({problem.basis.shape[1] for problem in problems}):
         group = [problem for problem in problems if problem.basis.shape[1] == size]
         grams = torch.stack([problem.delta.T @ problem.delta for problem in group])  # [b, s, s]
-        sigma2 = eigh(grams, on_host=eigh_on_host)[0][:, -1] if cfg.normalize_delta else torch.ones(len(group))
+        sigma = eigh(grams, on_host=eigh_on_host)[0][:, -1].clamp_min(0.0).sqrt() if cfg.normalize_delta \
+            else torch.ones(len(group), dtype=grams.dtype, device=grams.device)
+        scale = delta_scale(sigma, cfg)
+        d_sums = torch.tensor([problem.d_sum for problem in group], dtype=grams.dtype, device=grams.device)
+
+        def norms(group=group, grams=grams, size=size):
+            """||Delta^T Delta||_F = ||Delta_S^T Delta_S||_F, and ||Zd^-1||_F over S and its complement."""
+            inverse = torch.stack([(p.zd_inv.square().sum() + (p.basis.shape[0] - size) / p.damping**2).sqrt()
+                                   for p in group])
+            return torch.linalg.matrix_norm(grams), inverse
+
         for beta in betas:
-            variance = torch.stack([torch.diag(beta * p.variance_scale * p.zd_inv) for p in group])
-            values, vectors = eigh(-cfg.bias_weight * grams + variance, on_host=eigh_on_host)
+            variance = variance_coefficients(cfg, beta, d_sums, population, norms)  # c' [b]
+            values, vectors = eigh(-cfg.bias_weight * grams + torch.diag_embed(variance[:, None] * torch.stack(
+                [p.zd_inv for p in group])), on_host=eigh_on_host)
             for i, problem in enumerate(group):
-                if float(values[i, rank - 1]) < beta * problem.variance_scale / problem.damping:  # the complement's
+                if float(values[i, rank - 1]) < float(variance[i]) / problem.damping:  # the complement's
                     v = fix_signs(problem.basis @ vectors[i, :, :rank])
-                    lora_b = problem.delta @ (problem.basis.T @ v) / math.sqrt(float(sigma2[i]))
+                    lora_b = problem.delta @ (problem.basis.T @ v) / float(scale[i])
                     out.setdefault(problem.name, {})[beta] = v, lora_b
     return {name: found for name, found in out.items() if len(found) == len(betas)}
 
@@ -426,7 +496,7 @@ class _TokenSpaceProblem:
     delta: torch.Tensor  # Delta W [m, s]
     zd_inv: torch.Tensor  # Zd^-1 on S, the diagonal [s]
     damping: float  # Zd^-1 is 1 / damping on the complement of S
-    variance_scale: float  # c' / beta = sum(d) / N
+    d_sum: float  # sum(d)
 
 
 def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]], betas: List[float],
@@ -463,9 +533,10 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
                 if (beta, name) not in subspaces:
                     continue  # another rank's module
                 v, lora_b = subspaces[(beta, name)]
-                r = rank_set[name]
-                sweep[(beta, i)][name] = LoraFactors((v[:, :r].T * scale).to(out_dtype).contiguous(),
-                                                     (lora_b[:, :r] * scale).to(out_dtype).contiguous())
+                v, lora_b = v[:, :rank_set[name]], lora_b[:, :rank_set[name]]
+                lora_b, lora_a = balanced(lora_b, v) if cfg.balance_factors else (lora_b, v.T)
+                sweep[(beta, i)][name] = LoraFactors((lora_a * scale).to(out_dtype).contiguous(),
+                                                     (lora_b * scale).to(out_dtype).contiguous())
             if place is not None:
                 shapes = {name: (*stats.modules[name].g_sum.shape, rank_set[name]) for name in names}
                 sweep[(beta, i)] = distributed.broadcast_factors(sweep[(beta, i)], owners, shapes, out_dtype, device,
@@ -508,7 +579,8 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
                 key = stats.modules[name].input_key
                 ng = natural_gradient(stats, name, factors.cholesky(key), cfg)
                 for beta in betas:
-                    c = ng.variance_coefficient(cfg.replace(variance_weight=beta), population)
+                    c = ng.variance_coefficient(cfg.replace(variance_weight=beta), population,
+                                                lambda key=key: factors.inverse(key))
                     zd_inv = factors.inverse(key) if c != 0.0 else None
                     v = fix_signs(exact_subspace(ng.delta_hat, zd_inv, c, cfg.bias_weight, rank, eigh_on_host))
                     subspaces[(beta, name)] = v, ng.delta_hat @ v
@@ -586,7 +658,7 @@ class _BatchedSolver:
         stats, cfg, factors, device = self.stats, self.cfg, self.factors, self.device
         keys = [stats.modules[name].input_key for name in names]
         distinct = list(dict.fromkeys(keys))
-        d = torch.stack([output_scaling(stats, name, stats.output_fisher, cfg.damping, device) for name in names])
+        d = torch.stack([output_scaling(stats, name, cfg, device) for name in names])
         gradient = _stacked([lambda name=name: stats.modules[name].g_sum.to(device) for name in names], torch.float64)
         op = BlockOperator(
             gradient=gradient.div_(stats.num_sequences),
@@ -606,16 +678,17 @@ class _BatchedSolver:
         return op
 
     def solve(self, names, rank: int, variance_weights: Sequence[float], release: Iterable[str] = ()):
-        """([per variance weight: (V [b, n, r], Delta V / sigma [b, m, r], SolveInfo)], sigma's
+        """([per variance weight: (V [b, n, r], Delta V / s [b, m, r], SolveInfo)], sigma's
         SolveInfo) for the modules ``names`` (one shape); the operator and sigma are shared by the
         variance weights."""
         op, cfg = self.operator(names, release), self.cfg
         working = op.to(torch.float32) if cfg.solver_mixed_precision else None
         eigh_on_host = cfg.solver_small_eigh == "host"
         sigma = sigma_info = None
+        norms = functools.lru_cache(maxsize=None)(lambda: (op.gram_norms(), op.inverse_norms()))
         results = []
         for beta in variance_weights:
-            op.variance = beta * op.d.sum(dim=1) / self.population
+            op.variance = variance_coefficients(cfg, beta, op.d.sum(dim=1), self.population, norms)
             if working is not None:
                 working.variance = op.variance.to(working.variance.dtype)
             v, convergence = smallest_eigenvectors(
@@ -632,7 +705,7 @@ class _BatchedSolver:
                     sigma = torch.ones(len(names), dtype=op.gradient.dtype, device=op.gradient.device)
                     sigma_info = SolveInfo.exact(len(names))
             v = fix_signs(v)
-            results.append((v, op.delta(v) / sigma[:, None, None], convergence))
+            results.append((v, op.delta(v) / delta_scale(sigma, cfg)[:, None, None], convergence))
         return results, sigma_info
 
 

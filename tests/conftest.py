@@ -2,7 +2,7 @@
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+GOLDEN_EXTRAS = GOLDEN.with_name("golden-extras")
 
 
 def golden_dir() -> Path:
@@ -26,6 +27,31 @@ def golden_dir() -> Path:
     return path
 
 
+def golden_errors(model_dir: Path, batches: list, hyperparameters: dict, expected: Path, dtype: torch.dtype,
+                  device: str = "cpu", **overrides) -> Dict[str, Dict[str, float]]:
+    """Relative Frobenius errors against the authors' factors in ``expected`` (a safetensors
+    file), per quantity ("BA", "lora_A", "lora_B") and module: the model in ``model_dir`` as
+    ``dtype`` on ``device``, statistics from ``batches``, the config from ``hyperparameters`` and
+    ``overrides``; the factors' dtype is checked on the way."""
+    import lora_da
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device, dtype)
+    cfg = lora_da.LoraDAConfig(target_modules=TARGETS, **{**hyperparameters, **overrides})
+    factors = lora_da.solve(lora_da.collect_statistics(model, batches, cfg, progress=False), cfg, progress=False)
+    want = load_file(str(expected))
+    assert {f"{name}.BA" for name in factors} == {k for k in want if k.endswith(".BA")}
+    errors: Dict[str, Dict[str, float]] = {"BA": {}, "lora_A": {}, "lora_B": {}}
+    for name, f in factors.items():
+        assert f.lora_A.dtype == f.lora_B.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        got = {"BA": f.lora_B.double() @ f.lora_A.double(), "lora_A": f.lora_A, "lora_B": f.lora_B}
+        for key, value in got.items():
+            target = want[f"{name}.{key}"].double()
+            errors[key][name] = float(torch.linalg.norm(value.double().cpu() - target) / torch.linalg.norm(target))
+    return errors
+
+
 def golden_batches(path: Path, count: Optional[int] = None) -> list:
     """The first ``count`` (default all) golden calibration sequences, one batch each."""
     from safetensors.torch import load_file
@@ -33,6 +59,20 @@ def golden_batches(path: Path, count: Optional[int] = None) -> list:
     tensors = load_file(str(path / "calibration.safetensors"))
     ids = sorted({key.split(".")[0] for key in tensors})[:count]
     return [{k: tensors[f"{i}.{k}"][None] for k in ("input_ids", "attention_mask", "labels")} for i in ids]
+
+
+@pytest.fixture(scope="session")
+def golden_extras(golden):
+    """(folder, manifest) of the authors' factors for their further options, from
+    ``LORA_DA_GOLDEN_EXTRAS`` or ``tests/data/golden-extras``: the golden model and calibration
+    sequences, other hyperparameters."""
+    env = os.environ.get("LORA_DA_GOLDEN_EXTRAS")
+    path = Path(env) if env else GOLDEN_EXTRAS
+    if not (path / "manifest.json").exists():
+        raise FileNotFoundError(f"golden extras not found at {path} (LORA_DA_GOLDEN_EXTRAS={env!r})")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["num_sequences"] == golden[1]["num_sequences"]
+    return path, manifest
 
 
 @pytest.fixture(scope="session")

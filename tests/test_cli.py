@@ -76,6 +76,31 @@ def test_init_writes_an_adapter_that_peft_loads_and_equals_the_library(model_dir
         torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-12)
 
 
+def test_the_authors_options_reach_the_factors(model_dir, data_file, tmp_path):
+    """The options' flags give the library's factors with the same config fields."""
+    out = tmp_path / "adapter"
+    options = {"balance_factors": True, "output_damping_ratio": 0.1, "normalize_variance_guidance": True,
+               "delta_normalization_power": 0.5, "delta_normalization_reference": 2.0}
+    flags = ["--balance-factors", "--output-damping-ratio", "0.1", "--normalize-variance-guidance",
+             "--delta-normalization-power", "0.5", "--delta-normalization-reference", "2"]
+    args = ["init", "--model", str(model_dir), "--data", str(data_file), "--rank", "4", "--output", str(out),
+            "--dtype", "float64", "--quiet", *flags]
+    assert cli.main(args) == 0
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)).double(), str(out))
+    model, tokenizer = cli.load_model(model_dir, model_dir, "float64", "cpu")
+    batches = cli.calibration_batches(cli.read_examples(data_file, "text", None), tokenizer, cli.parser().parse_args(args))
+    want = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear"))
+    lora_da.initialize(want, batches, population_size=13, progress=False, **options)
+    plain = get_peft_model(cli.load_model(model_dir, model_dir, "float64", "cpu")[0],
+                           LoraConfig(r=4, lora_alpha=16, target_modules="all-linear"))
+    lora_da.initialize(plain, batches, population_size=13, progress=False)
+    got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    for name, value in want.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-12)
+    assert any(not torch.allclose(got[n], p) for n, p in plain.named_parameters() if "lora_" in n)
+
+
 def bad(argv, capsys):
     code = cli.main(argv)
     err = capsys.readouterr().err
@@ -97,6 +122,8 @@ def test_bad_input_is_one_line_and_exit_status_2(model_dir, data_file, tmp_path,
     assert "no weights" in bad(["init", "--model", str(no_weights), *base[3:]], capsys)
     assert "no such folder" in bad(["init", "--model", str(tmp_path / "nowhere"), *base[3:]], capsys)
     assert "--rank must be at least 1" in bad([*base, "--rank", "0"], capsys)
+    assert "delta_normalization_power must be in (0, 2]" in bad([*base, "--delta-normalization-power", "3"], capsys)
+    assert "output_damping_ratio must be >= 0" in bad([*base, "--output-damping-ratio", "-1"], capsys)
     assert not (tmp_path / "a").exists()
 
 
@@ -104,7 +131,9 @@ def test_help_reads_well():
     done = subprocess.run([str(LORA_DA), "init", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     for option in ("--model DIR", "--data FILE.jsonl", "--rank", "--output ADAPTER_DIR", "--prompt-field",
-                   "--variance-weight", "--backend", "--rslora", "--samples"):
+                   "--variance-weight", "--backend", "--rslora", "--samples", "--balance-factors",
+                   "--output-damping-ratio RHO", "--normalize-variance-guidance", "--delta-normalization-power P",
+                   "--delta-normalization-reference REF"):
         assert option in done.stdout, option
     top = subprocess.run([str(LORA_DA), "--help"], capture_output=True, text=True, timeout=120)
     assert top.returncode == 0 and "init" in top.stdout and "demo" in top.stdout

@@ -68,6 +68,21 @@ def test_unknown_choices(field, value):
         lora_da.LoraDAConfig(**{field: value})
 
 
+@pytest.mark.parametrize("options,match", [
+    ({"output_damping_ratio": -0.1}, "output_damping_ratio must be >= 0"),
+    ({"delta_normalization_power": 0.0}, r"delta_normalization_power must be in \(0, 2\]"),
+    ({"delta_normalization_power": 2.5}, r"delta_normalization_power must be in \(0, 2\]"),
+    ({"delta_normalization_reference": 0.0}, "delta_normalization_reference must be > 0"),
+    ({"delta_normalization_reference": -2.0}, "delta_normalization_reference must be > 0"),
+    ({"normalize_variance_guidance": True, "bias_weight": 0.0}, "needs bias_weight > 0"),
+])
+def test_bad_values_of_the_authors_options(options, match):
+    """Refused before anything runs: initialize leaves the PEFT model as it was."""
+    _, peft_model = peft_llama(r=2)
+    check(peft_model, lambda: lora_da.initialize(peft_model, random_batches([2]), progress=False, **options),
+          ValueError, match)
+
+
 def test_unknown_override(model):
     check(model, lambda: collect(model, random_batches([2]), token_masks="labels"), TypeError, "unknown LoraDAConfig")
 

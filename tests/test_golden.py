@@ -1,31 +1,18 @@
 """The authors' own factors on the golden tiny model: BA per module within tolerance."""
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-import lora_da
-from conftest import TARGETS
+from conftest import golden_errors
 
 VARIANTS = ["default", "no_variance", "strong_variance"]
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton interpreted on CPU, compiled on a GPU
 
 
 def relative_errors(golden, variant, dtype, device="cpu", **overrides):
+    """BA's relative error per module against the golden variant."""
     path, manifest, batches = golden
-    model = AutoModelForCausalLM.from_pretrained(str(path / "model")).to(device, dtype)
-    cfg = lora_da.LoraDAConfig(target_modules=TARGETS, **manifest["variants"][variant], **overrides)
-    stats = lora_da.collect_statistics(model, batches, cfg, progress=False)
-    factors = lora_da.solve(stats, cfg, progress=False)
-    expected = load_file(str(path / f"expected-{variant}.safetensors"))
-    assert {f"{name}.BA" for name in factors} == {k for k in expected if k.endswith(".BA")}
-    errors = {}
-    for name, f in factors.items():
-        assert f.lora_A.dtype == f.lora_B.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        ba = (f.lora_B.double() @ f.lora_A.double()).cpu()
-        want = expected[f"{name}.BA"]
-        errors[name] = float(torch.linalg.norm(ba - want) / torch.linalg.norm(want))
-    return errors
+    return golden_errors(path / "model", batches, manifest["variants"][variant], path / f"expected-{variant}.safetensors",
+                         dtype, device, **overrides)["BA"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

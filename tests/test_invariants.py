@@ -228,3 +228,15 @@ def test_factors_do_not_depend_on_batch_order_or_size():
         want = first[name].lora_B.double() @ first[name].lora_A.double()
         got = second[name].lora_B.double() @ second[name].lora_A.double()
         assert float((got - want).norm() / want.norm()) <= 1e-4, name
+
+
+def test_balanced_factors_keep_ba_and_split_its_singular_values(stats):
+    """balance_factors: B A unchanged; A A^T = B^T B = diag(singular values of B A) / gamma."""
+    cfg = lora_da.LoraDAConfig(rank=3, gamma=4.0, damping=1e-4, population_size=20)
+    plain = lora_da.solve(stats, cfg, progress=False)
+    both = lora_da.solve(stats, cfg, balance_factors=True, progress=False)
+    for name, f in both.items():
+        torch.testing.assert_close(f.lora_B @ f.lora_A, plain[name].lora_B @ plain[name].lora_A, atol=1e-14, rtol=1e-10)
+        s = torch.linalg.svdvals(f.lora_B @ f.lora_A)[:3]
+        torch.testing.assert_close(f.lora_A @ f.lora_A.T, torch.diag(s), atol=1e-12, rtol=1e-9)
+        torch.testing.assert_close(f.lora_B.T @ f.lora_B, torch.diag(s), atol=1e-12, rtol=1e-9)

@@ -80,16 +80,20 @@ def reference_ba(stat, cfg, population):
     lam = cfg.damping
     n = stat["Z"].shape[0]
     zd_inv = torch.linalg.inv(0.5 * (stat["Z"] + stat["Z"].T) + lam * torch.eye(n, dtype=torch.float64))
+    lam_y = lam if cfg.output_damping_ratio is None else cfg.output_damping_ratio * float(stat["y"].median())
     if cfg.output_fisher == "diagonal":
-        d = 1.0 / (stat["y"] + lam)
+        d = 1.0 / (stat["y"] + lam_y)
     else:
         p = stat["P"]
-        d = torch.diagonal(torch.linalg.inv(lam * torch.eye(p.shape[0], dtype=torch.float64) + p @ p.T))
+        d = torch.diagonal(torch.linalg.inv(lam_y * torch.eye(p.shape[0], dtype=torch.float64) + p @ p.T))
     delta = -torch.diag(d) @ stat["G"] @ zd_inv
-    sigma = torch.linalg.svdvals(delta)[0]
-    dhat = delta / sigma
-    c = cfg.variance_weight * d.sum() / (population * sigma**2)
-    omega = -cfg.bias_weight * dhat.T @ dhat + c * zd_inv
+    power, reference = cfg.delta_normalization_power, cfg.delta_normalization_reference
+    s = torch.linalg.svdvals(delta)[0] ** power * reference ** (1 - power)
+    dhat = delta / s
+    c = d.sum() / (population * s**2)
+    if cfg.normalize_variance_guidance:
+        c = c * torch.linalg.norm(cfg.bias_weight * dhat.T @ dhat) / torch.linalg.norm(c * zd_inv)
+    omega = -cfg.bias_weight * dhat.T @ dhat + cfg.variance_weight * c * zd_inv
     v = torch.linalg.eigh(omega).eigenvectors[:, : cfg.rank]
     return dhat @ v @ v.T / cfg.gamma
 
@@ -154,6 +158,23 @@ def test_classifier_with_pooled_inputs_matches_slow_reference(fisher):
     expected, num_sequences = reference_statistics(model, batches, names, "attention")
     assert stats.num_sequences == num_sequences == 9
     assert stats.inputs[stats.modules["bert.pooler.dense"].input_key].num_tokens == 9
+    assert_matches_reference(stats, expected, cfg)
+
+
+@pytest.mark.parametrize("solver", ["exact", "randomized"])
+@pytest.mark.parametrize("fisher", ["diagonal", "sequence_lowrank"])
+def test_the_authors_options_match_slow_reference(fisher, solver):
+    """The output damping ratio (in the Woodbury solve too), the delta normalisation power and the
+    normalised variance term together, against dense matrices."""
+    model = tiny_llama(seed=2)
+    batches = random_batches([3, 2, 4], seed=5)
+    cfg = lora_da.LoraDAConfig(rank=3, variance_weight=0.5, damping=1e-4, gamma=16.0, population_size=40,
+                               output_fisher=fisher, output_damping_ratio=0.3, delta_normalization_power=1.5,
+                               delta_normalization_reference=0.2, normalize_variance_guidance=True,
+                               solver=solver)
+    names = ["model.layers.1.self_attn.k_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    stats = lora_da.collect_statistics(model, batches, cfg, progress=False, target_modules=names)
+    expected, _ = reference_statistics(model, batches, names, "attention")
     assert_matches_reference(stats, expected, cfg)
 
 

@@ -9,6 +9,8 @@ import lora_da
 from conftest import TARGETS, random_batches, tiny_llama
 
 CFG = lora_da.LoraDAConfig(rank=4, damping=1e-4, population_size=50, solver="exact")
+AUTHORS_OPTIONS = {"balance_factors": True, "output_damping_ratio": 0.1, "normalize_variance_guidance": True,
+                   "delta_normalization_power": 0.5, "delta_normalization_reference": 2.0}
 
 
 def assert_same_factors(a, b, rtol=0.0, atol=0.0):
@@ -34,13 +36,15 @@ def test_save_load_solve_equals_solve(tmp_path, output_fisher):
 def test_file_is_safetensors_with_json_metadata(tmp_path):
     from safetensors import safe_open
 
-    stats = lora_da.collect_statistics(tiny_llama(seed=1), random_batches([2], seed=2), CFG, progress=False)
+    stats = lora_da.collect_statistics(tiny_llama(seed=1), random_batches([2], seed=2), CFG, progress=False,
+                                       **AUTHORS_OPTIONS)
     stats.save(tmp_path / "stats.safetensors")
     with safe_open(str(tmp_path / "stats.safetensors"), framework="pt") as f:
         meta = json.loads(f.metadata()["lora_da"])
     assert meta["library_version"] == lora_da.__version__
     assert meta["fingerprint"]["model.layers.0.mlp.down_proj"] == [24, 40]
     assert meta["config"]["rank"] == 4 and meta["num_sequences"] == 2
+    assert {key: meta["config"][key] for key in AUTHORS_OPTIONS} == AUTHORS_OPTIONS
 
 
 def test_load_refuses_other_files(tmp_path):
@@ -119,18 +123,22 @@ def test_statistics_of_another_model_are_refused_and_the_model_untouched():
         lora_da.initialize(other, None, CFG, progress=False)
 
 
+@pytest.mark.parametrize("options", [{}, AUTHORS_OPTIONS], ids=["defaults", "authors_options"])
 @pytest.mark.parametrize("solver", ["exact", "randomized"])
-def test_sweep_equals_separate_solves(solver):
+def test_sweep_equals_separate_solves(solver, options):
     stats = lora_da.collect_statistics(tiny_llama(seed=6), random_batches([4, 4, 4, 4], seed=7), CFG, progress=False)
-    cfg = CFG.replace(solver=solver)
+    cfg = CFG.replace(solver=solver, **options)
     sweep = lora_da.solve_sweep(stats, cfg, variance_weights=[0.0, 0.03, 3.0], ranks=[2, 4], progress=False)
     assert set(sweep) == {(b, r) for b in (0.0, 0.03, 3.0) for r in (2, 4)}
+    tolerance = 1e-12 if solver == "exact" else 1e-5
     for (beta, rank), factors in sweep.items():
         alone = lora_da.solve(stats, cfg, variance_weight=beta, rank=rank, progress=False)
         for name in alone:
             ba = factors[name].lora_B @ factors[name].lora_A
             want = alone[name].lora_B @ alone[name].lora_A
-            assert float((ba - want).norm() / want.norm()) <= (1e-12 if solver == "exact" else 1e-5), (beta, rank, name)
+            assert float((ba - want).norm() / want.norm()) <= tolerance, (beta, rank, name)
+        if options and solver == "exact":  # balanced: each factor of a smaller rank from the sweep's leading columns
+            assert_same_factors(factors, alone, rtol=1e-9, atol=1e-12)
 
 
 def test_same_seed_gives_bitwise_identical_factors():

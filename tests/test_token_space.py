@@ -83,3 +83,27 @@ def test_statistics_whose_z_outranks_their_token_count_keep_the_full_solve(monke
     want = full_space(monkeypatch, stats, solver="exact")
     for name in want:
         assert relative_ba_error(fast[name], want[name]) <= 1e-12, name
+
+
+@pytest.mark.parametrize("options", [
+    {"output_damping_ratio": 0.1},
+    {"normalize_variance_guidance": True, "variance_weight": 0.5},
+    {"delta_normalization_power": 0.5, "delta_normalization_reference": 2.0},
+    {"balance_factors": True},
+], ids=["output_damping_ratio", "normalize_variance_guidance", "delta_power", "balance_factors"])
+def test_token_space_honours_the_authors_options(monkeypatch, options):
+    """Each further option in the span of the tokens gives the full exact solve's factors (lora_A
+    and lora_B one by one where they are balanced); ||Zd^-1||_F there counts the complement."""
+    stats = few_tokens()
+    fast = lora_da.solve(stats, CFG, progress=False, **options)
+    assert {name for info in fast.report.values() for name in info["token_space"]} == fast.keys()
+    want = full_space(monkeypatch, stats, solver="exact", **options)
+    plain = lora_da.solve(stats, CFG, progress=False)
+    for name in want:
+        assert relative_ba_error(fast[name], want[name]) <= 1e-8, name
+        if options.get("balance_factors"):
+            torch.testing.assert_close(fast[name].lora_A, want[name].lora_A, atol=0, rtol=1e-7)
+            torch.testing.assert_close(fast[name].lora_B, want[name].lora_B, atol=0, rtol=1e-7)
+    changed = [name for name in want if relative_ba_error(plain[name], want[name]) > 1e-3
+               or not torch.allclose(plain[name].lora_A, want[name].lora_A, rtol=1e-3)]
+    assert changed, "the option changed no factor"
