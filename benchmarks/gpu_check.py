@@ -12,8 +12,9 @@ on a GPU). TFLOP/s count useful work only: the
 triangle of Z (n^2 T_counted) and 2 m n T for G. Everything goes to $OUT (default ./outputs):
 gpu_check.json (all figures), gpu_check.txt (this printout), gpu_tests.txt (pytest output),
 eigensolver.json/.txt (the solver: all 224 Llama-2-7B-shaped modules at r = 8 and 64, target <= 5 s,
-and once more with the small projected eigenproblems on the GPU instead of the host) and
-profile.txt (torch.profiler tables of one more solve at r = 64).
+and once more with the small projected eigenproblems on the GPU instead of the host),
+profile.txt (torch.profiler tables of one more solve at r = 64) and end_to_end.json/.txt (a
+Llama-2-7B-shaped model initialised end to end: ``benchmarks/end_to_end.py``).
 """
 from __future__ import annotations
 
@@ -250,12 +251,33 @@ def solver_benchmark(out: Path, say, smoke: bool) -> dict:
     return {"returncode": 0, "records": records}
 
 
+def end_to_end(out: Path, say, smoke: bool) -> dict:
+    """benchmarks/end_to_end.py: a Llama-2-7B-shaped model initialised end to end (one layer of
+    tiny width on CPU with --smoke); its JSON record."""
+    shape = (["--layers", "1", "--hidden-size", "64", "--intermediate-size", "172", "--heads", "4", "--vocab", "128",
+              "--sequences", "16", "--length", "32", "--device", "cpu", "--dtype", "float32"] if smoke else [])
+    record = out / "end_to_end.json"
+    with (out / "end_to_end.txt").open("w") as log:
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "end_to_end.py"), *shape, "--output", str(record)],
+                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    for line in (out / "end_to_end.txt").read_text().splitlines()[-12:]:
+        say(line)
+    if proc.returncode != 0:
+        say(f"end to end failed (exit {proc.returncode}); see end_to_end.txt")
+        return {"returncode": proc.returncode}
+    result = json.loads(record.read_text())
+    say(f"target: init <= 30 s: {'met' if result['init_seconds'] <= 30 else 'not met'} ({result['init_seconds']:.1f} s); "
+        f"collect <= 2x train: {result['collect_over_train']:.2f}x (counted floor {result['collect_floor_ratio']:.2f}x)")
+    return {"returncode": 0, **result}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="T = 4096 and 8192 only")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-solver", action="store_true", help="skip the batched solver on Llama-2-7B shapes")
+    parser.add_argument("--skip-end-to-end", action="store_true", help="skip the 7B-shaped model initialised end to end")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, PyTorch paths only (checks the script)")
     args = parser.parse_args(argv)
     out = Path(os.environ.get("OUT", ROOT / "outputs"))
@@ -294,6 +316,9 @@ def main(argv=None):
     save()
     if not args.skip_solver:
         report["solver"] = solver_benchmark(out, say, args.smoke)
+        save()
+    if not args.skip_end_to_end:
+        report["end_to_end"] = end_to_end(out, say, args.smoke)
     save()
     say(f"done in {report['seconds']:.0f} s; figures in {out / 'gpu_check.json'}")
 

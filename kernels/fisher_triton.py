@@ -5,6 +5,8 @@ Two kernels per call:
     counted tokens through a device-side index list (no host synchronisation);
   * ``_g_kernel``: G_k += Gout_k^T X over every token, with y_k += sum_t M_t Gout_k[t]^2 fused
     into the programs of the first column of tiles.
+Both are autotuned per shape, dtype and token bucket (``token_bucket``: calls see a few hundred
+tokens unbuffered and thousands from the collector's buffers).
 Accumulation is fp32; fp32 inputs use IEEE products (no TF32). Under ``TRITON_INTERPRET=1`` tiles
 are cast to fp32 after loading (the interpreter computes bf16 wrongly), and each call runs one
 config (``triton_setup.tile_prune``: the GPU's tiles on problems that span more than one).
@@ -32,6 +34,7 @@ _Z_CONFIGS = configs(
 )
 _G_CONFIGS = configs(
     [
+        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_T": 64, "warps": 8, "stages": 3},
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_T": 64, "warps": 8, "stages": 3},
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_T": 32, "warps": 4, "stages": 4},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_T": 64, "warps": 4, "stages": 4},
@@ -57,10 +60,10 @@ def _tile_pair(pid, num_tiles):
     return i, i + (pid - start)
 
 
-@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY"], restore_value=["z_ptr"],
+@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY", "T_BUCKET"], restore_value=["z_ptr"],
                  prune_configs_by=tile_prune({"BLOCK_N": "n"}), **AUTOTUNE_EXTRA)
 @triton.jit
-def _z_upper_kernel(x_ptr, order_ptr, count_ptr, z_ptr, n, stride_xt, stride_zn, DTYPE_KEY,
+def _z_upper_kernel(x_ptr, order_ptr, count_ptr, z_ptr, n, stride_xt, stride_zn, DTYPE_KEY, T_BUCKET,
                     IEEE: tl.constexpr, CAST_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
     num_tiles = tl.cdiv(n, BLOCK_N)
     ti, tj = _tile_pair(tl.program_id(0), num_tiles)
@@ -86,10 +89,10 @@ def _z_upper_kernel(x_ptr, order_ptr, count_ptr, z_ptr, n, stride_xt, stride_zn,
     tl.store(z_ptrs, tl.load(z_ptrs, mask=inside, other=0.0) + acc, mask=inside)
 
 
-@triton.autotune(configs=_G_CONFIGS, key=["m", "n", "DTYPE_KEY"], restore_value=["g_ptr", "y_ptr"],
+@triton.autotune(configs=_G_CONFIGS, key=["m", "n", "DTYPE_KEY", "T_BUCKET"], restore_value=["g_ptr", "y_ptr"],
                  prune_configs_by=tile_prune({"BLOCK_M": "m", "BLOCK_N": "n"}), **AUTOTUNE_EXTRA)
 @triton.jit
-def _g_kernel(x_ptr, grad_ptr, mask_ptr, g_ptr, y_ptr, tokens, m, n, stride_xt, stride_gt, stride_gm, DTYPE_KEY,
+def _g_kernel(x_ptr, grad_ptr, mask_ptr, g_ptr, y_ptr, tokens, m, n, stride_xt, stride_gt, stride_gm, DTYPE_KEY, T_BUCKET,
               IEEE: tl.constexpr, CAST_F32: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -127,6 +130,12 @@ def _dtype_key(dtype: torch.dtype) -> int:
     return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
 
 
+def token_bucket(tokens: int) -> int:
+    """The autotune key of a call's token count (the tiles that win change with it): the next power
+    of two, within [256, 16384]."""
+    return min(max(256, 1 << max(0, tokens - 1).bit_length()), 16384)
+
+
 def counted_order(mask: torch.Tensor):
     """(order [T] int32: counted tokens first, count [1] int32), built on the device without sync."""
     flat = mask.reshape(-1)
@@ -154,11 +163,11 @@ def fisher_update(
         xs = xs.contiguous()
     weights = mask.reshape(tokens).to(torch.float32)
     ieee = x.dtype == torch.float32
-    key = _dtype_key(x.dtype)
+    key, bucket = _dtype_key(x.dtype), token_bucket(tokens)
     if input_factor is not None and tokens > 0:
         order, count = counted_order(mask)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * (triton.cdiv(n, meta["BLOCK_N"]) + 1) // 2,)  # noqa: E731
-        _z_upper_kernel[grid](xs, order, count, input_factor, n, xs.stride(0), input_factor.stride(0), key,
+        _z_upper_kernel[grid](xs, order, count, input_factor, n, xs.stride(0), input_factor.stride(0), key, bucket,
                               IEEE=ieee, CAST_F32=INTERPRET)
     for k, grad in enumerate(grads):
         m = grad.shape[-1]
@@ -168,6 +177,6 @@ def fisher_update(
         if tokens > 0:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
             _g_kernel[grid](xs, gs, weights, gradients[k], output_factors[k], tokens, m, n, xs.stride(0), gs.stride(0),
-                            gradients[k].stride(0), key, IEEE=ieee, CAST_F32=INTERPRET)
+                            gradients[k].stride(0), key, bucket, IEEE=ieee, CAST_F32=INTERPRET)
         if sequence_sums is not None:
             write_sequence_sums(gs, weights, batch, length, sequence_sums[k])

@@ -21,6 +21,9 @@ from .targets import Target, find_targets
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
+# token buffers take at most this fraction of the accumulators' bytes (a deterministic chunk:
+# sums in fp32 depend on it), and no more than max_memory leaves (RESULTS.md, "Token buffering")
+BUFFER_SHARE_OF_ACCUMULATORS = 0.125
 
 
 @dataclass(eq=False)
@@ -31,6 +34,59 @@ class _Event:
     mask: torch.Tensor  # [B, L]
     modules: List[str] = field(default_factory=list)
     grads: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, L, m]
+
+
+class _TokenBuffer:
+    """The tokens of one distinct input gathered across micro-batches, so that the statistics op
+    runs on chunks of ``capacity`` tokens: x rows [capacity, n], their counted flags [capacity]
+    and per module its g rows [capacity, m]. Only tokens that count or carry a gradient are
+    kept (padding, whose g is zero, adds nothing to any sum); a micro-batch with at least
+    ``capacity`` of them runs at once."""
+
+    def __init__(self, capacity: int, x: torch.Tensor, run: Callable):
+        self.x = x.new_empty((capacity, x.shape[-1]))
+        self.mask = torch.empty(capacity, dtype=torch.bool, device=x.device)
+        self.grads: Dict[str, torch.Tensor] = {}  # made at a module's first gradient, in its dtype
+        self.used = 0
+        self.run = run  # run(x [1, t, n], mask [1, t], {name: g [1, t, m]}) on the first t rows
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor, grads: Dict[str, torch.Tensor]) -> None:
+        """Append the kept tokens of x [B, L, n], mask [B, L], grads {name: [B, L, m]} (modules
+        missing from ``grads`` get zero rows), running the op on every full chunk."""
+        for name, g in grads.items():
+            if name not in self.grads:
+                self.grads[name] = g.new_zeros((len(self.x), g.shape[-1]))
+        keep = mask.clone()
+        for g in grads.values():
+            keep |= (g != 0).any(dim=-1)
+        rows = keep.flatten().nonzero().flatten()
+        x, mask = x.reshape(-1, x.shape[-1]), mask.flatten()
+        grads = {name: g.reshape(-1, g.shape[-1]) for name, g in grads.items()}
+        if len(rows) >= len(self.x):  # a chunk's worth at once: no copy into the buffer
+            self.flush()
+            self.run(x[rows][None], mask[rows][None], {name: g[rows][None] for name, g in grads.items()})
+            return
+        start = 0
+        while start < len(rows):
+            take = rows[start:start + min(len(self.x) - self.used, len(rows) - start)]
+            span = slice(self.used, self.used + len(take))
+            torch.index_select(x, 0, take, out=self.x[span])
+            torch.index_select(mask, 0, take, out=self.mask[span])
+            for name, buffer in self.grads.items():
+                if name in grads:
+                    torch.index_select(grads[name], 0, take, out=buffer[span])
+                else:
+                    buffer[span].zero_()
+            self.used += len(take)
+            start += len(take)
+            if self.used == len(self.x):
+                self.flush()
+
+    def flush(self) -> None:
+        """Run the op on the tokens held, if any."""
+        if self.used:
+            used, self.used = self.used, 0
+            self.run(self.x[None, :used], self.mask[None, :used], {name: g[None, :used] for name, g in self.grads.items()})
 
 
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -161,9 +217,13 @@ def frozen_eval(model: nn.Module):
 class _Collector:
     """Hooks on the targets; turns each batch's events into op calls on the accumulators."""
 
-    def __init__(self, targets: Dict[str, Target], cfg: LoraDAConfig):
+    def __init__(self, targets: Dict[str, Target], cfg: LoraDAConfig, chunk: int = 0):
         self.targets = targets
         self.cfg = cfg
+        # tokens per op call, gathered across micro-batches (0: each event at once); per-sequence
+        # sums need each batch's layout, so sequence_lowrank runs each event at once
+        self.chunk = 0 if cfg.output_fisher == "sequence_lowrank" else chunk
+        self.buffers: Dict[str, _TokenBuffer] = {}  # input key -> its gathered tokens
         self.events: List[_Event] = []
         self.batch_mask: Optional[torch.Tensor] = None
         self.batch_seq_sums: Dict[str, torch.Tensor] = {}
@@ -250,17 +310,29 @@ class _Collector:
                 self.modules[m] = ModuleStatistics(
                     key, x.new_zeros((t.out_features, t.in_features), dtype=dtype), x.new_zeros(t.out_features, dtype=dtype)
                 )
-        grads = [event.grads[m].reshape(*x.shape[:2], -1) for m in names]
+        grads = {m: event.grads[m].reshape(*x.shape[:2], -1) for m in names}
+        if not self.chunk:
+            self._update(key, x, mask, grads)
+            return
+        if key not in self.buffers:
+            self.buffers[key] = _TokenBuffer(self.chunk, x, lambda *chunk, key=key: self._update(key, *chunk))
+        self.buffers[key].add(x, mask, grads)
+
+    def _update(self, key: str, x: torch.Tensor, mask: torch.Tensor, grads: Dict[str, torch.Tensor]) -> None:
+        """The statistics op on x [B, L, n], mask [B, L] and the output gradients {module: [B, L, m]}
+        of input ``key``'s modules: into Z, G and y, and this batch's per-sequence sums."""
+        names = list(grads)
+        dtype = torch.promote_types(torch.float32, x.dtype)
         seq = None
         if self.cfg.output_fisher == "sequence_lowrank":
-            seq = [x.new_empty((x.shape[0], g.shape[-1]), dtype=dtype) for g in grads]
+            seq = [x.new_empty((x.shape[0], g.shape[-1]), dtype=dtype) for g in grads.values()]
         impl = dispatch.resolve("fisher_update", self.cfg.backend, x.device, x.dtype)
         z_sum = self.inputs[key].z_sum
         if z_sum.dtype != dtype and impl.backend != "torch":  # the kernels sum Z in fp32 only
             dispatch.find("fisher_update", "torch").fn(x, mask, [], z_sum, [], [])
             z_sum = None
-        impl.fn(x, mask, grads, z_sum, [self.modules[m].g_sum for m in names], [self.modules[m].y_sum for m in names],
-                seq)
+        impl.fn(x, mask, list(grads.values()), z_sum, [self.modules[m].g_sum for m in names],
+                [self.modules[m].y_sum for m in names], seq)
         if seq is not None:
             for m, s in zip(names, seq):
                 previous = self.batch_seq_sums.get(m)
@@ -288,6 +360,8 @@ class _Collector:
         missing = [name for name in self.targets if name not in self.modules]
         if missing:
             raise RuntimeError(f"targeted modules never received an output gradient during collection: {missing}")
+        for buffer in self.buffers.values():
+            buffer.flush()
         for key, entry in self.inputs.items():
             entry.num_tokens = int(self.token_tensors[key])
             entry.z_sum = mirror_upper(entry.z_sum)
@@ -334,6 +408,8 @@ def collect_statistics(
     the targets are planned into groups of whole blocks (a layer's attention, its MLP) that fit,
     one pass over ``loader`` per group (so it must be re-iterable when there are several), and
     each finished group's statistics move to host memory. ``Statistics.passes`` says how many.
+    Token buffers (``cfg.buffer_tokens``) take at most an eighth of a pass's accumulator bytes, and
+    no more than those leave of the budget.
     Inside a torch.distributed process group every rank must call this: each collects its shard
     (the loader's DistributedSampler, else every world-size-th batch) and all get the sums over
     all ranks; if one rank fails, every rank raises.
@@ -350,15 +426,22 @@ def collect_statistics(
     param = next(model.parameters(), None)
     element = torch.promote_types(torch.float32, param.dtype if param is not None else torch.float32)
     z_element = torch.promote_types(getattr(torch, cfg.input_factor_dtype), element)
-    groups = plan_groups(targets, element.itemsize, z_element.itemsize, memory_budget(max_memory, device))
+    budget = memory_budget(max_memory, device)
+    groups = plan_groups(targets, element.itemsize, z_element.itemsize, budget)
     if len(groups) > 1 and iter(loader) is loader:
         raise ValueError(f"max_memory needs {len(groups)} passes over the calibration data: "
                          "pass a re-iterable loader (a list or a DataLoader), not an iterator")
     parts = []
     for index, group in enumerate(groups):
         label = "lora_da collect" + (f" (pass {index + 1}/{len(groups)})" if len(groups) > 1 else "")
+        members = [targets[name] for name in group]
+        accumulators = accumulator_bytes(members, element.itemsize, z_element.itemsize)
+        left = int(accumulators * BUFFER_SHARE_OF_ACCUMULATORS)
+        if budget is not None:
+            left = min(left, budget - accumulators)
+        chunk = chunk_tokens(members, cfg.buffer_tokens, param.dtype.itemsize if param is not None else 4, left)
         part = _collect_pass(model, loader, cfg, {name: targets[name] for name in group}, loss_fn or default_loss,
-                             device, label, progress)
+                             device, label, progress, chunk)
         parts.append(part.to("cpu") if len(groups) > 1 else part)
     stats = Statistics.combine(parts) if len(parts) > 1 else parts[0]
     stats.passes = len(groups)
@@ -397,8 +480,7 @@ def plan_groups(targets: Dict[str, Target], element_size: int, z_element_size: i
     groups: List[List[str]] = []
     used = 0
     for names in blocks.values():
-        need = sum(z_element_size * t.in_features ** 2 + element_size * t.out_features * (t.in_features + 1)
-                   for t in (targets[name] for name in names))
+        need = accumulator_bytes([targets[name] for name in names], element_size, z_element_size)
         if budget is not None and need > budget:
             raise ValueError(f"max_memory={budget} bytes cannot hold the accumulators of {names} (up to {need} bytes)")
         if groups and (budget is None or used + need <= budget):
@@ -410,9 +492,26 @@ def plan_groups(targets: Dict[str, Target], element_size: int, z_element_size: i
     return groups
 
 
+def accumulator_bytes(targets: List[Target], element_size: int, z_element_size: int) -> int:
+    """Upper bound of the accumulators' bytes: Z [n, n] per module (shared inputs hold one) and
+    G [m, n], y [m]."""
+    return sum(z_element_size * t.in_features ** 2 + element_size * t.out_features * (t.in_features + 1)
+               for t in targets)
+
+
+def chunk_tokens(targets: List[Target], wanted: int, x_element_size: int, left: int) -> int:
+    """Tokens per statistics op call for a pass over ``targets``: ``wanted`` (the config's
+    ``buffer_tokens``), fewer where the buffers would not fit the ``left`` bytes. A buffered token
+    takes n + m elements of the model's dtype per module (an upper bound: modules that share an
+    input share its rows) and a flag; 0 runs each micro-batch at once."""
+    per_token = sum(x_element_size * (t.in_features + t.out_features) + 1 for t in targets)
+    return min(wanted, max(0, left) // per_token)
+
+
 def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets: Dict[str, Target], loss_fn: LossFn,
-                  device: torch.device, label: str, progress: bool) -> Statistics:
-    """One pass over ``loader`` with hooks on ``targets``; reduced over ranks when distributed."""
+                  device: torch.device, label: str, progress: bool, chunk: int) -> Statistics:
+    """One pass over ``loader`` with hooks on ``targets``, the op on ``chunk`` tokens at a time;
+    reduced over ranks when distributed."""
     place = distributed.world()
     by_index = place is not None and not distributed.presharded(loader)
     if place is not None:
@@ -421,7 +520,7 @@ def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets
         if by_index:
             logger.info("lora_da: rank %d of %d takes calibration batches %d, %d + %d, ... (no DistributedSampler)",
                         place[0], place[1], place[0], place[0], place[1])
-    collector = _Collector(targets, cfg)
+    collector = _Collector(targets, cfg, chunk)
     num_sequences = 0  # collected by this process
     seen = 0  # sequences of every rank so far (num_samples counts these)
     total = len(loader) if hasattr(loader, "__len__") else None

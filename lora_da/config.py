@@ -21,7 +21,10 @@ class LoraDAConfig:
     ``damping`` = lambda, ``gamma`` = gamma, ``population_size`` = N. ``input_factor_dtype``: the
     dtype the products and sums of Z are computed in (the input's own when that is wider): in
     float32 their rounding noise, about eps32 * ||Z||, can exceed lambda, and the solve then damps
-    each input at its rounding floor instead (see ``solve.rounding_floor``). ``solver_mixed_precision``:
+    each input at its rounding floor instead (see ``solve.rounding_floor``). ``buffer_tokens``: the
+    tokens of each distinct input gathered across micro-batches before the statistics op runs on
+    them as one chunk (fewer where the buffers would exceed an eighth of the accumulators' bytes or
+    what ``max_memory`` leaves; 0: the op runs on each micro-batch). ``solver_mixed_precision``:
     the randomized solver applies Omega to its search directions in fp32 and checks convergence in
     fp64 (False: fp64 throughout). ``solver_small_eigh``: on GPUs, where the solvers' small
     eigenproblems above 32 x 32 run: ``host`` threads (torch's CUDA eigh solves a batch of them
@@ -46,6 +49,7 @@ class LoraDAConfig:
     token_mask: str = "attention"
     output_fisher: str = "diagonal"
     input_factor_dtype: str = "float64"
+    buffer_tokens: int = 4096
     num_samples: Optional[int] = None
     solver: str = "auto"
     solver_tolerance: float = 1e-7
@@ -95,6 +99,8 @@ class LoraDAConfig:
         if self.normalize_variance_guidance and self.bias_weight == 0 and self.variance_weight > 0:
             raise ValueError("normalize_variance_guidance scales the variance term to the bias term's norm: "
                              "it needs bias_weight > 0")
+        if not (isinstance(self.buffer_tokens, int) and self.buffer_tokens >= 0):
+            raise ValueError(f"buffer_tokens must be an integer >= 0, got {self.buffer_tokens!r}")
         for field in ("population_size", "num_samples"):
             value = getattr(self, field)
             if value is not None and not (isinstance(value, int) and value >= 1):

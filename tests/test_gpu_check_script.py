@@ -24,3 +24,8 @@ def test_gpu_check_smoke(tmp_path):
     assert row["rank"] == 2 and row["modules"] == 14 and len(row["seconds"]) == 2
     assert row["seconds_small_eigh_on_device"] > 0
     assert 0 < row["max_residual"] <= 1e-7
+    run = report["end_to_end"]
+    assert run["returncode"] == 0 and run["modules"] == 7 and run["counted_tokens"] == 16 * 32
+    assert run["init_seconds"] >= run["collect_seconds"] + run["solve_seconds"] > 0 and run["train_seconds"] > 0
+    assert run["statistics_bytes"] > 0 and run["peak_bytes"] is None  # no accelerator on CPU
+    assert 1.5 < run["collect_floor_ratio"] < 2.5

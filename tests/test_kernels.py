@@ -186,3 +186,13 @@ def test_collect_statistics_bf16_model(backend):
     pairs += [(getattr(got.modules[n], f), getattr(want.modules[n], f)) for n in want.modules for f in ("g_sum", "y_sum")]
     for kernel, exact in pairs:
         assert rel(kernel, exact) <= 2 * rel(exact.bfloat16().float(), exact) + 1e-6
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton does not run here")
+def test_triton_kernels_are_tuned_per_token_bucket():
+    """Unbuffered calls see a few hundred tokens and buffered ones thousands: each bucket of T gets its own tiles."""
+    from lora_da.kernels import fisher_triton
+
+    assert [fisher_triton.token_bucket(t) for t in (0, 1, 256, 257, 4096, 5000, 10**6)] == [
+        256, 256, 256, 512, 4096, 8192, 16384]
+    assert "T_BUCKET" in fisher_triton._z_upper_kernel.keys and "T_BUCKET" in fisher_triton._g_kernel.keys
