@@ -9,6 +9,7 @@ weights or tokenizer) is one line on stderr and exit status 2; ``--debug`` shows
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -78,6 +79,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", metavar="DEVICE", default="cpu", help="torch device (default cpu)")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
                      help="model dtype (default float32)")
+    run.add_argument("--load-in-4bit", action="store_true",
+                     help="QLoRA: load the base in bitsandbytes NF4 (computing in --dtype), as it will be fine-tuned")
     run.add_argument("--seed", metavar="N", type=int, default=0)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -112,7 +115,10 @@ def read_examples(path: Path, text_field: str, prompt_field: Optional[str]) -> L
     return examples
 
 
-def load_model(model_dir: Path, tokenizer_dir: Path, dtype_name: str, device: str):
+def load_model(model_dir: Path, tokenizer_dir: Path, dtype_name: str, device: str, load_in_4bit: bool = False):
+    """(model on ``device``, tokenizer); with ``load_in_4bit`` the base's linear layers in NF4,
+    prepared for k-bit training (PEFT's ``prepare_model_for_kbit_training``, without gradient
+    checkpointing) as a QLoRA run prepares it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,9 +131,19 @@ def load_model(model_dir: Path, tokenizer_dir: Path, dtype_name: str, device: st
     except (OSError, ValueError) as error:
         raise BadInput(f"--tokenizer {tokenizer_dir}: no usable tokenizer ({str(error).splitlines()[0]}); "
                        "pass --tokenizer DIR") from None
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
-                                                 dtype=getattr(torch, dtype_name))
-    return model.to(device), tokenizer
+    dtype = getattr(torch, dtype_name)
+    if not load_in_4bit:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype)
+        return model.to(device), tokenizer
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BadInput("--load-in-4bit needs bitsandbytes: pip install 'lora-da[quant]'")
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype,
+                                                 quantization_config=quantization, device_map=device)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tokenizer
 
 
 def calibration_batches(examples: Sequence[dict], tokenizer, args) -> List[dict]:
@@ -195,7 +211,8 @@ def run_init(args) -> None:
     except ValueError as error:
         raise BadInput(str(error)) from None
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(model_dir, Path(args.tokenizer or args.model), args.dtype, args.device)
+    model, tokenizer = load_model(model_dir, Path(args.tokenizer or args.model), args.dtype, args.device,
+                                  args.load_in_4bit)
     batches = calibration_batches(examples[: args.samples], tokenizer, args)
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,

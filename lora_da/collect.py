@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from . import dispatch, distributed
 from .config import LoraDAConfig, resolve_config
 from .statistics import InputStatistics, ModuleStatistics, Statistics
-from .targets import Target, find_targets
+from .targets import Target, find_targets, is_bitsandbytes_4bit
 
 logger = logging.getLogger(__name__)
 
@@ -199,13 +199,20 @@ def truncate(batch, size: int, keep: int):
 
 @contextlib.contextmanager
 def frozen_eval(model: nn.Module):
-    """Freeze every parameter and put every module in eval mode; restore both on exit."""
+    """Freeze every parameter and put every module in eval mode; restore both on exit.
+
+    bitsandbytes' 4-bit layers stay in training mode, which changes nothing in their output: in
+    eval mode, on CPU inputs without grad, they repack their weight in place for an inference
+    kernel (which also computes in bf16), and the model would not come back as it was."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         model.eval()
+        for module in model.modules():
+            if is_bitsandbytes_4bit(module):
+                module.training = True
         yield
     finally:
         for p, flag in flags:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Union
 
@@ -34,8 +35,15 @@ def _lora_layer_class():
     return LoraLayer
 
 
+def is_bitsandbytes_4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit linear layer (NF4 or FP4; an ``nn.Linear``)."""
+    bnb = sys.modules.get("bitsandbytes")  # no such layer exists unless bitsandbytes was imported
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
 def linear_shape(module: nn.Module) -> Optional[tuple]:
-    """(m, n) of an ``nn.Linear`` or HF ``Conv1D`` (weight stored [n, m]); None for other modules."""
+    """(m, n) of an ``nn.Linear`` (bitsandbytes' 4- and 8-bit layers among them) or HF ``Conv1D``
+    (weight stored [n, m]); None for other modules."""
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     conv1d = _conv1d_class()

@@ -99,6 +99,34 @@ def test_the_authors_options_reach_the_factors(model_dir, data_file, tmp_path):
         if "lora_" in name:
             torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-12)
     assert any(not torch.allclose(got[n], p) for n, p in plain.named_parameters() if "lora_" in n)
+    # PEFT reloads an adapter frozen unless asked: is_trainable=True gives the same factors, trainable
+    assert not any(p.requires_grad for p in got.values())
+    trainable = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)).double(), str(out),
+                                          is_trainable=True)
+    for name, value in trainable.named_parameters():
+        if "lora_" in name:
+            assert value.requires_grad and torch.equal(value, got[name]), name
+
+
+def test_load_in_4bit_initialises_the_nf4_base(model_dir, data_file, tmp_path):
+    """--load-in-4bit: the adapter holds the factors that the library gets on the same NF4 base."""
+    pytest.importorskip("bitsandbytes", reason="the quant extra (bitsandbytes) is not installed")
+    out = tmp_path / "adapter"
+    args = ["init", "--model", str(model_dir), "--data", str(data_file), "--rank", "4", "--output", str(out),
+            "--quiet", "--load-in-4bit"]
+    assert cli.main(args) == 0
+    model, tokenizer = cli.load_model(model_dir, model_dir, "float32", "cpu", load_in_4bit=True)
+    assert type(model.get_submodule("model.layers.0.mlp.up_proj")).__name__ == "Linear4bit"
+    batches = cli.calibration_batches(cli.read_examples(data_file, "text", None), tokenizer, cli.parser().parse_args(args))
+    want = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear"))
+    lora_da.initialize(want, batches, population_size=13, progress=False)
+    loaded = PeftModel.from_pretrained(cli.load_model(model_dir, model_dir, "float32", "cpu", load_in_4bit=True)[0],
+                                       str(out))
+    got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    wanted = {n: p for n, p in want.named_parameters() if "lora_" in n}
+    assert got.keys() == wanted.keys() and len(got) == 28
+    for name, value in wanted.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-8)
 
 
 def bad(argv, capsys):
@@ -133,7 +161,7 @@ def test_help_reads_well():
     for option in ("--model DIR", "--data FILE.jsonl", "--rank", "--output ADAPTER_DIR", "--prompt-field",
                    "--variance-weight", "--backend", "--rslora", "--samples", "--balance-factors",
                    "--output-damping-ratio RHO", "--normalize-variance-guidance", "--delta-normalization-power P",
-                   "--delta-normalization-reference REF"):
+                   "--delta-normalization-reference REF", "--load-in-4bit"):
         assert option in done.stdout, option
     top = subprocess.run([str(LORA_DA), "--help"], capture_output=True, text=True, timeout=120)
     assert top.returncode == 0 and "init" in top.stdout and "demo" in top.stdout
