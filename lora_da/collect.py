@@ -204,10 +204,11 @@ def frozen_eval(model: nn.Module):
     bitsandbytes' 4-bit layers stay in training mode, which changes nothing in their output: in
     eval mode, on CPU inputs without grad, they repack their weight in place for an inference
     kernel (which also computes in bf16), and the model would not come back as it was."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    # by name: accelerate's offload hooks put new parameter objects in the modules as they run
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     modes = [(m, m.training) for m in model.modules()]
     try:
-        for p, _ in flags:
+        for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
         for module in model.modules():
@@ -215,8 +216,8 @@ def frozen_eval(model: nn.Module):
                 module.training = True
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, p.requires_grad))
         for m, mode in modes:
             m.training = mode
 
@@ -392,7 +393,9 @@ def mirror_upper(z: torch.Tensor) -> torch.Tensor:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
+    """Where batches go: the first parameter's device, skipping weights offloaded to the meta
+    device (accelerate's hooks move each module's inputs to its execution device)."""
+    param = next((p for p in model.parameters() if p.device.type != "meta"), None)
     return param.device if param is not None else torch.device("cpu")
 
 
