@@ -19,7 +19,7 @@ def _map_source_kernels() -> None:
 
 
 _map_source_kernels()
-from .collect import collect_statistics
+from .collect import MemoryPlan, collect_statistics, plan_memory
 from .config import LoraDAConfig
 from .initialize import InitReport, initialize
 from .solve import Factors, LoraFactors, solve, solve_sweep
@@ -36,6 +36,8 @@ __all__ = [
     "Factors",
     "InitReport",
     "collect_statistics",
+    "plan_memory",
+    "MemoryPlan",
     "solve",
     "solve_sweep",
     "initialize",

@@ -84,6 +84,20 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", metavar="N", type=int, default=0)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    plan = commands.add_parser(
+        "plan", help="what collection will hold for a model and a memory budget, from its config alone",
+        description="Print the statistics' size per pass, the passes --max-memory needs and the expected peak, "
+                    "for a model built on the meta device from its config.json (no weights are read).",
+    )
+    plan.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model folder (config.json is enough)")
+    plan.add_argument("--target-modules", nargs="+", default=["all-linear"], metavar="NAME",
+                      help="modules to adapt (default: all-linear)")
+    plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16", "float64"],
+                      help="model dtype (default bfloat16)")
+    plan.add_argument("--max-memory", metavar="BYTES", help="bytes for the statistics, or 'auto' (default: unbounded)")
+    plan.add_argument("--input-factor-dtype", default="float64", choices=["float32", "float64"])
+    plan.add_argument("--buffer-tokens", metavar="N", type=int, default=4096)
+
     # listed for --help; main() hands everything after "demo" to the demo's own parser
     commands.add_parser("demo", help="the main job: SmolLM2-135M on Rotten Tomatoes, LoRA-DA vs PEFT default "
                                      "(lora-da demo --help for its options)")
@@ -231,6 +245,28 @@ def run_init(args) -> None:
     print(f"adapter written to {args.output} (load it with PeftModel.from_pretrained)")
 
 
+def run_plan(args) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import lora_da
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise BadInput(f"--model {model_dir}: no config.json (not a Hugging Face model folder)")
+    max_memory = args.max_memory if args.max_memory in (None, "auto") else _bytes(args.max_memory)
+    targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
+    try:
+        cfg = lora_da.LoraDAConfig(target_modules=targets, input_factor_dtype=args.input_factor_dtype,
+                                   buffer_tokens=args.buffer_tokens)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    print(lora_da.plan_memory(model, cfg, max_memory))
+
+
 def _bytes(text: str) -> int:
     try:
         return int(float(text))
@@ -248,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        run_init(args)
+        {"init": run_init, "plan": run_plan}[args.command](args)
     except BadInput as error:
         if args.debug:
             raise

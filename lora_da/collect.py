@@ -433,30 +433,84 @@ def collect_statistics(
             "disable it for collection (model.activation_checkpointing_disable()) and enable it again after"
         )
     device = _model_device(model)
-    param = next(model.parameters(), None)
-    element = torch.promote_types(torch.float32, param.dtype if param is not None else torch.float32)
-    z_element = torch.promote_types(getattr(torch, cfg.input_factor_dtype), element)
-    budget = memory_budget(max_memory, device)
-    groups = plan_groups(targets, element.itemsize, z_element.itemsize, budget)
-    if len(groups) > 1 and iter(loader) is loader:
-        raise ValueError(f"max_memory needs {len(groups)} passes over the calibration data: "
+    memory = plan_memory(model, cfg, max_memory, targets)
+    if memory.passes > 1 and iter(loader) is loader:
+        raise ValueError(f"max_memory needs {memory.passes} passes over the calibration data: "
                          "pass a re-iterable loader (a list or a DataLoader), not an iterator")
     parts = []
-    for index, group in enumerate(groups):
-        label = "lora_da collect" + (f" (pass {index + 1}/{len(groups)})" if len(groups) > 1 else "")
-        members = [targets[name] for name in group]
-        accumulators = accumulator_bytes(members, element.itemsize, z_element.itemsize)
-        left = int(accumulators * BUFFER_SHARE_OF_ACCUMULATORS)
-        if budget is not None:
-            left = min(left, budget - accumulators)
-        chunk = chunk_tokens(members, cfg.buffer_tokens, param.dtype.itemsize if param is not None else 4, left)
+    for index, (group, chunk) in enumerate(zip(memory.groups, memory.chunks)):
+        label = "lora_da collect" + (f" (pass {index + 1}/{memory.passes})" if memory.passes > 1 else "")
         part = _collect_pass(model, loader, cfg, {name: targets[name] for name in group}, loss_fn or default_loss,
                              device, label, progress, chunk)
-        parts.append(part.to("cpu") if len(groups) > 1 else part)
+        parts.append(part.to("cpu") if memory.passes > 1 else part)
     stats = Statistics.combine(parts) if len(parts) > 1 else parts[0]
-    stats.passes = len(groups)
+    stats.passes = memory.passes
     stats.config = config_record(cfg)
     return stats
+
+
+@dataclass
+class MemoryPlan:
+    """What collection will hold, from the model's shapes alone (a model on the meta device will
+    do): the passes' target groups and their token chunks, with bytes per pass (upper bounds:
+    Z counted per module, where modules sharing an input hold one)."""
+
+    groups: List[List[str]]  # per pass: the target names
+    chunks: List[int]  # per pass: tokens per statistics op call
+    accumulator_bytes: List[int]  # per pass: Z, G and y
+    buffer_bytes: List[int]  # per pass: the token buffers at their chunk
+    model_bytes: int  # the model's parameters and buffers (not on the meta device too)
+    budget: Optional[int]  # max_memory in bytes, None = unbounded
+
+    @property
+    def passes(self) -> int:
+        return len(self.groups)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The model and the largest pass's accumulators and buffers on its device (one batch's
+        activations come on top; finished passes wait in host memory)."""
+        return self.model_bytes + max(a + b for a, b in zip(self.accumulator_bytes, self.buffer_bytes))
+
+    def __str__(self) -> str:
+        gib = 2**30
+        budget = "unbounded" if self.budget is None else f"{self.budget / gib:.2f} GiB"
+        lines = [f"LoRA-DA collection plan: {sum(map(len, self.groups))} modules in {self.passes} pass(es), "
+                 f"max_memory {budget}"]
+        for index, group in enumerate(self.groups):
+            lines.append(f"  pass {index + 1}: {len(group)} modules ({group[0]} .. {group[-1]}), statistics "
+                         f"{self.accumulator_bytes[index] / gib:.2f} GiB, buffers {self.buffer_bytes[index] / gib:.2f} GiB "
+                         f"({self.chunks[index]} tokens per op call)")
+        lines.append(f"  statistics {sum(self.accumulator_bytes) / gib:.2f} GiB in all; expected peak on the device "
+                     f"{self.peak_bytes / gib:.2f} GiB (model {self.model_bytes / gib:.2f} GiB, plus one batch's "
+                     "activations)")
+        return "\n".join(lines)
+
+
+def plan_memory(model: nn.Module, cfg: Optional[LoraDAConfig] = None, max_memory: Union[int, str, None] = None,
+                targets: Optional[Dict[str, Target]] = None, **overrides) -> MemoryPlan:
+    """The passes, chunks and bytes that ``collect_statistics(model, ..., max_memory=max_memory)``
+    will use (``targets``: found from ``cfg.target_modules`` when not given). Only shapes and
+    dtypes are read: build a model on the meta device to plan for one that fits nowhere here."""
+    cfg = resolve_config(cfg, overrides)
+    targets = find_targets(model, cfg.target_modules) if targets is None else targets
+    param = next(model.parameters(), None)
+    x_dtype = param.dtype if param is not None else torch.float32
+    element = torch.promote_types(torch.float32, x_dtype)
+    z_element = torch.promote_types(getattr(torch, cfg.input_factor_dtype), element)
+    budget = memory_budget(max_memory, _model_device(model))
+    groups = plan_groups(targets, element.itemsize, z_element.itemsize, budget)
+    chunks, accumulators, buffers = [], [], []
+    for group in groups:
+        members = [targets[name] for name in group]
+        accumulators.append(accumulator_bytes(members, element.itemsize, z_element.itemsize))
+        left = int(accumulators[-1] * BUFFER_SHARE_OF_ACCUMULATORS)
+        if budget is not None:
+            left = min(left, budget - accumulators[-1])
+        chunks.append(chunk_tokens(members, cfg.buffer_tokens, x_dtype.itemsize, left))
+        buffers.append(chunks[-1] * buffer_token_bytes(members, x_dtype.itemsize))
+    model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return MemoryPlan(groups, chunks, accumulators, buffers, model_bytes, budget)
 
 
 def memory_budget(max_memory: Union[int, str, None], device: torch.device) -> Optional[int]:
@@ -514,8 +568,12 @@ def chunk_tokens(targets: List[Target], wanted: int, x_element_size: int, left: 
     ``buffer_tokens``), fewer where the buffers would not fit the ``left`` bytes. A buffered token
     takes n + m elements of the model's dtype per module (an upper bound: modules that share an
     input share its rows) and a flag; 0 runs each micro-batch at once."""
-    per_token = sum(x_element_size * (t.in_features + t.out_features) + 1 for t in targets)
-    return min(wanted, max(0, left) // per_token)
+    return min(wanted, max(0, left) // buffer_token_bytes(targets, x_element_size))
+
+
+def buffer_token_bytes(targets: List[Target], x_element_size: int) -> int:
+    """Bytes one buffered token takes: n + m elements per module and a flag (an upper bound)."""
+    return sum(x_element_size * (t.in_features + t.out_features) + 1 for t in targets)
 
 
 def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets: Dict[str, Target], loss_fn: LossFn,

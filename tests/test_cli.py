@@ -172,3 +172,30 @@ def test_demo_forwards_its_options(capsys):
         cli.main(["demo", "--help"])
     assert exit_info.value.code == 0
     assert "--calibration" in capsys.readouterr().out
+
+
+def test_plan_matches_the_passes_collection_takes(model_dir, capsys):
+    """lora-da plan on the golden model: the passes and chunks collection uses under the same budget."""
+    from lora_da.collect import plan_memory
+
+    budget = 300_000
+    assert cli.main(["plan", "--model", str(model_dir), "--dtype", "float64", "--max-memory", str(budget)]) == 0
+    printed = capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).double()
+    memory = plan_memory(model, max_memory=budget, target_modules="all-linear")
+    stats = lora_da.collect_statistics(model, cli.calibration_batches(
+        [{"text": "the film was good"}] * 3, cli.load_model(model_dir, model_dir, "float64", "cpu")[1],
+        cli.parser().parse_args(["init", "--model", "m", "--data", "d", "--output", "o"])),
+        max_memory=budget, target_modules="all-linear", progress=False)
+    assert memory.passes == stats.passes > 1 and f"14 modules in {memory.passes} pass(es)" in printed
+    assert stats.nbytes() <= sum(memory.accumulator_bytes)
+
+
+def test_plan_for_a_70b_shape_runs_from_its_config(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000).save_pretrained(str(tmp_path))
+    assert cli.main(["plan", "--model", str(tmp_path), "--max-memory", str(80 * 2**30)]) == 0
+    printed = capsys.readouterr().out
+    assert "560 modules in" in printed and "expected peak on the device" in printed
