@@ -96,13 +96,26 @@ def _adapter_layers(model: nn.Module, adapter_name: Optional[str], target_module
     return adapter_name, layers
 
 
+def placed_like(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``value`` (the whole factor) in ``weight``'s dtype and device; for a DTensor weight (a
+    model sharded with FSDP2) on its mesh and placements, each rank keeping its own part of the
+    value every rank holds."""
+    value = value.to(device=weight.device, dtype=weight.dtype)
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if isinstance(weight, DTensor):
+            return distribute_tensor(value, weight.device_mesh, weight.placements, src_data_rank=None)
+    return value
+
+
 def apply_factors(layers: Dict[str, nn.Module], factors: Dict[str, LoraFactors], adapter_name: str) -> None:
-    """Write lora_A/lora_B of ``adapter_name`` in place, in each adapter's dtype and device."""
+    """Write lora_A/lora_B of ``adapter_name`` in place, in each adapter's dtype, device and (FSDP2) sharding."""
     with torch.no_grad():
         for name, layer in layers.items():
             for weight, value in ((layer.lora_A[adapter_name].weight, factors[name].lora_A),
                                   (layer.lora_B[adapter_name].weight, factors[name].lora_B)):
-                weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
+                weight.copy_(placed_like(value, weight))
 
 
 def initialize(

@@ -69,6 +69,16 @@ def main(golden: Path, out: Path, mode: str, count: int) -> None:
         peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, target_modules=TARGETS))
         lora_da.initialize(peft_model, loader, cfg, progress=False)
         tensors = {n: p.detach() for n, p in peft_model.named_parameters() if "lora_" in n}
+    elif mode == "fsdp2":  # the PEFT model sharded with FSDP2: collection, solve and the sharded adapter
+        from torch.distributed.fsdp import fully_shard
+
+        peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, target_modules=TARGETS))
+        for layer in peft_model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(peft_model)
+        lora_da.initialize(peft_model, batches, cfg, progress=False)  # rank r takes batches r, r + 2, ...
+        tensors = {n: p.full_tensor() for n, p in peft_model.named_parameters() if "lora_" in n}
+        tensors.update({f"{n}.local": p.to_local() for n, p in peft_model.named_parameters() if "lora_" in n})
     elif mode.startswith("solve_"):
         stats = lora_da.collect_statistics(model, batches, cfg, progress=False)
         broken = "model.layers.1.mlp.down_proj"  # the second of the two down_proj: rank 1 solves it

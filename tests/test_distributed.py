@@ -72,6 +72,21 @@ def test_distributed_sampler_through_initialize(golden, tmp_path):
         assert_close_relative(ranks[0][name], value, 1e-6)
 
 
+def test_fsdp2_sharded_model_gets_the_factors_of_one_process(golden, tmp_path):
+    """fully_shard on every decoder layer and the PEFT model: collection over each rank's half of the
+    data, the split solve, and the factors written into each rank's shard of the adapter."""
+    model, cfg, batches = single_process(golden, 12)
+    peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, target_modules=TARGETS))
+    lora_da.initialize(peft_model, batches, cfg, progress=False)
+    want = {n: p.detach() for n, p in peft_model.named_parameters() if "lora_" in n}
+    ranks = [load_file(str(torchrun(tmp_path, "fsdp2", 12) / f"rank{r}.safetensors")) for r in (0, 1)]
+    for name, value in want.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert_close_relative(ranks[0][name], value, 1e-6)
+        # each rank holds its own rows (FSDP2 shards dim 0): together they are the whole factor
+        assert torch.equal(torch.cat([ranks[0][f"{name}.local"], ranks[1][f"{name}.local"]]), ranks[0][name]), name
+
+
 def test_a_failing_rank_makes_every_rank_raise_with_models_untouched(tmp_path):
     out = torchrun(tmp_path, "fail", 12)
     errors = [json.loads((out / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
