@@ -628,7 +628,7 @@ def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets
         raise ValueError("the calibration loader produced no batches")
     stats = collector.statistics(num_sequences, 0)
     if place is not None:
-        distributed.reduce_statistics(stats)
+        distributed.reduce_statistics(stats, to_owners=cfg.shard_statistics)
     bad = stats.non_finite()
     if bad:
         raise FloatingPointError(f"non-finite statistics (NaN/Inf activations or gradients with a finite loss) in modules {bad}")

@@ -50,6 +50,7 @@ class LoraDAConfig:
     output_fisher: str = "diagonal"
     input_factor_dtype: str = "float64"
     buffer_tokens: int = 4096
+    shard_statistics: bool = False
     num_samples: Optional[int] = None
     solver: str = "auto"
     solver_tolerance: float = 1e-7

@@ -2,7 +2,8 @@
 
 Every rank collects statistics over its shard of the calibration data; the sums and counts are
 then reduced with ``all_reduce`` (one flat buffer per distinct input: Z with the G and y of the
-modules that read it), so every rank holds the statistics of all the data. The solve is split by
+modules that read it), so every rank holds the statistics of all the data, or with
+``shard_statistics`` reduced to one owner per input, so that each rank keeps only its own. The solve is split by
 module across ranks and each module's factors are broadcast from the rank that solved it, so
 every rank ends with identical adapters. Nothing here runs unless a process group is
 initialised with more than one rank.
@@ -75,27 +76,63 @@ def merge_reports(report: Dict[str, dict], device: torch.device) -> Dict[str, di
     return merged
 
 
-def reduce_statistics(stats: Statistics) -> None:
-    """Sum every rank's sums and counts in place (per-sequence sums are gathered in rank order)."""
+def reduce_statistics(stats: Statistics, to_owners: bool = False) -> None:
+    """Sum every rank's sums and counts in place (per-sequence sums are gathered in rank order).
+
+    ``to_owners``: each distinct input's sums, with those of the modules that read it, go to one
+    rank only (``input_owners``), the others drop them, and ``stats.layout`` records where every
+    module's sums are: no rank keeps the statistics of every module."""
     dist = torch.distributed
+    rank, size = dist.get_rank(), dist.get_world_size()
     counts = torch.tensor([stats.num_sequences] + [e.num_tokens for e in stats.inputs.values()],
                           dtype=torch.float64, device=stats.device)
     dist.all_reduce(counts)
     stats.num_sequences = int(counts[0].item())
     for entry, total in zip(stats.inputs.values(), counts[1:].tolist()):
         entry.num_tokens = int(total)
-    for key, entry in stats.inputs.items():
+    owners = input_owners(stats, size) if to_owners else {}
+    layout = {}
+    for key, entry in list(stats.inputs.items()):
         modules = [stats.modules[name] for name in entry.modules]
         tensors = [entry.z_sum] + [m.g_sum for m in modules] + [m.y_sum for m in modules]
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
+        if to_owners:
+            dist.reduce(flat, dst=owners[key])
+        else:
+            dist.all_reduce(flat)
         offset = 0
         for t in tensors:
             t.copy_(flat[offset: offset + t.numel()].view_as(t))
             offset += t.numel()
-    for module in stats.modules.values():
-        if module.sequence_sums is not None:
-            module.sequence_sums = _gather_rows(module.sequence_sums)
+        for module in modules:
+            if module.sequence_sums is not None:
+                module.sequence_sums = _gather_rows(module.sequence_sums)
+        if to_owners:
+            layout.update({name: [owners[key], *stats.modules[name].g_sum.shape] for name in entry.modules})
+            if owners[key] != rank:
+                for name in entry.modules:
+                    del stats.modules[name]
+                del stats.inputs[key]
+    if to_owners:
+        stats.layout = layout
+
+
+def input_owners(stats: Statistics, size: int) -> Dict[str, int]:
+    """Distinct input -> the rank that keeps its sums and those of its modules, and solves them:
+    contiguous runs in model order of nearly equal bytes (Z and G). ValueError when there are
+    fewer inputs than ranks (a rank would own nothing)."""
+    if len(stats.inputs) < size:
+        raise ValueError(f"shard_statistics: {len(stats.inputs)} distinct inputs cannot be shared by {size} ranks")
+    weights = {key: entry.z_sum.numel() + sum(stats.modules[name].g_sum.numel() for name in entry.modules)
+               for key, entry in stats.inputs.items()}
+    total, before, owner, owners = sum(weights.values()), 0, 0, {}
+    for index, (key, weight) in enumerate(weights.items()):
+        by_bytes = int((before + weight / 2) * size // total)  # the rank its middle byte falls to
+        # the next rank at most (none skipped), and the next at least when only as many inputs are left as ranks
+        owner = owner if index == 0 else max(min(by_bytes, owner + 1), owner, size - (len(weights) - index))
+        owners[key] = owner
+        before += weight
+    return owners
 
 
 def _gather_json(value, device: torch.device) -> list:

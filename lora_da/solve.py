@@ -370,7 +370,7 @@ def solve(
     modules and all get every factor and the whole report; if one rank fails, every rank raises.
     """
     cfg = resolve_config(cfg, overrides)
-    ranks = {name: (ranks or {}).get(name, cfg.rank) for name in stats.modules}
+    ranks = {name: (ranks or {}).get(name, cfg.rank) for name in stats.fingerprint()}
     sweep, report = _solve(stats, cfg, [ranks], [cfg.variance_weight], device, progress)
     return Factors(sweep[(cfg.variance_weight, 0)], report)
 
@@ -400,7 +400,7 @@ def solve_sweep(
         cfg.replace(variance_weight=beta)  # validates
     if not rank_list or any(not (isinstance(r, int) and r >= 1) for r in rank_list):
         raise ValueError(f"ranks must be positive integers, got {rank_list!r}")
-    rank_sets = [{name: r for name in stats.modules} for r in rank_list]
+    rank_sets = [{name: r for name in stats.fingerprint()} for r in rank_list]
     sweep, report = _solve(stats, cfg, rank_sets, betas, device, progress)
     return {(beta, rank): Factors(sweep[(beta, i)], report) for beta in betas for i, rank in enumerate(rank_list)}
 
@@ -502,21 +502,25 @@ class _TokenSpaceProblem:
 def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]], betas: List[float],
            device: Union[str, torch.device, None], progress: bool):
     """Factors of every module for every (beta, rank set index) on ``device``, and the report."""
-    names = list(stats.modules)
+    shapes = {name: tuple(shape) for name, shape in stats.fingerprint().items()}  # every module's, also other ranks'
+    names = list(shapes)
     device = stats.device if device is None else torch.device(device)
     for rank_set in rank_sets:
-        check_ranks({name: tuple(stats.modules[name].g_sum.shape) for name in names}, rank_set)
+        check_ranks(shapes, rank_set)
     check_counted_tokens(stats)
     out_dtype = torch.float64 if stats.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(cfg.gamma)
     groups: Dict[Tuple[int, int, int], list] = {}
     for name in names:
-        groups.setdefault((*stats.modules[name].g_sum.shape, max(rs[name] for rs in rank_sets)), []).append(name)
+        groups.setdefault((*shapes[name], max(rs[name] for rs in rank_sets)), []).append(name)
     place = distributed.world()
+    if place is None and stats.layout is not None:
+        raise ValueError("statistics sharded by owner are solved by the ranks that hold them, inside their process group")
     if place is None:
         subspaces, report = _solve_groups(stats, cfg, groups, betas, device, progress)
-    else:  # each rank solves its share of every shape; the factors are broadcast after
-        owners = distributed.module_owners(list(groups.values()), place[1])
+    else:  # each rank solves its share of every shape (its own modules when sharded); the factors are broadcast after
+        owners = ({name: stats.layout[name][0] for name in names} if stats.layout is not None
+                  else distributed.module_owners(list(groups.values()), place[1]))
         mine = {key: [n for n in group if owners[n] == place[0]] for key, group in groups.items()}
         subspaces, report, error = {}, {}, None
         try:
@@ -538,8 +542,8 @@ def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]]
                 sweep[(beta, i)][name] = LoraFactors((lora_a * scale).to(out_dtype).contiguous(),
                                                      (lora_b * scale).to(out_dtype).contiguous())
             if place is not None:
-                shapes = {name: (*stats.modules[name].g_sum.shape, rank_set[name]) for name in names}
-                sweep[(beta, i)] = distributed.broadcast_factors(sweep[(beta, i)], owners, shapes, out_dtype, device,
+                sizes = {name: (*shapes[name], rank_set[name]) for name in names}
+                sweep[(beta, i)] = distributed.broadcast_factors(sweep[(beta, i)], owners, sizes, out_dtype, device,
                                                                  LoraFactors)
     return sweep, report
 

@@ -44,6 +44,9 @@ class Statistics:
     output_fisher: str
     config: Dict[str, object] = field(default_factory=dict)  # the collection's LoraDAConfig fields
     passes: int = 1  # passes over the calibration data that collected these (memory budget)
+    # sharded by owner (``shard_statistics`` under torch.distributed): every module of the model ->
+    # [rank that holds its sums and solves it, m, n]; this rank's ``modules`` and ``inputs`` are its own
+    layout: Optional[Dict[str, list]] = None
 
     @property
     def num_tokens(self) -> int:
@@ -94,7 +97,8 @@ class Statistics:
                                     None if e.sequence_sums is None else e.sequence_sums.to(device))
              for name, e in self.modules.items()},
             {key: InputStatistics(e.modules, e.z_sum.to(device), e.num_tokens) for key, e in self.inputs.items()},
-            self.num_sequences, self.population_size, self.token_mask, self.output_fisher, dict(self.config), self.passes)
+            self.num_sequences, self.population_size, self.token_mask, self.output_fisher, dict(self.config), self.passes,
+            self.layout)
 
     @staticmethod
     def combine(parts) -> "Statistics":
@@ -104,8 +108,10 @@ class Statistics:
             raise ValueError("statistics of different passes saw different numbers of sequences")
         modules = {name: entry for part in parts for name, entry in part.modules.items()}
         inputs = {key: entry for part in parts for key, entry in part.inputs.items()}
+        layouts = [p.layout for p in parts if p.layout is not None]
+        layout = {name: place for part in layouts for name, place in part.items()} if layouts else None
         return Statistics(modules, inputs, first.num_sequences, first.population_size, first.token_mask,
-                          first.output_fisher, dict(first.config), len(parts))
+                          first.output_fisher, dict(first.config), len(parts), layout)
 
     def non_finite(self, names: Optional[Sequence[str]] = None) -> list:
         """Those of ``names`` (default: every module) whose G, y or input Z hold NaN or Inf."""
@@ -116,8 +122,16 @@ class Statistics:
                 or not bool(torch.isfinite(self.modules[name].g_sum).all() & torch.isfinite(self.modules[name].y_sum).all())]
 
     def fingerprint(self) -> Dict[str, list]:
-        """Module name -> [m, n]: what a model must have for these statistics to apply to it."""
+        """Module name -> [m, n]: what a model must have for these statistics to apply to it
+        (every module of the model, also those whose sums other ranks hold)."""
+        if self.layout is not None:
+            return {name: [m, n] for name, (_, m, n) in self.layout.items()}
         return {name: list(entry.g_sum.shape) for name, entry in self.modules.items()}
+
+    def _refuse_sharded(self, what: str) -> None:
+        if self.layout is not None:
+            raise ValueError(f"cannot {what} statistics sharded by owner (each rank holds its own modules' sums); "
+                             "collect with shard_statistics=False")
 
     def check_matches(self, shapes: Mapping[str, Tuple[int, int]], against: str = "the model") -> None:
         """Raise ValueError unless ``shapes`` (module name -> (m, n), e.g. a model's targets)
@@ -134,6 +148,7 @@ class Statistics:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write a safetensors file: the sums as tensors, counts/config/fingerprint as JSON metadata."""
+        self._refuse_sharded("save")
         from safetensors.torch import save_file
 
         from . import __version__
@@ -186,6 +201,8 @@ class Statistics:
         add, per-sequence sums concatenate, population sizes add: set ``population_size`` in the
         config when the parts are shards of one fine-tuning set). ValueError when they differ in
         modules, shapes, inputs, dtype, token_mask or output_fisher."""
+        for part in (first, *others):
+            part._refuse_sharded("merge")
         merged = Statistics(
             {name: ModuleStatistics(e.input_key, e.g_sum.clone(), e.y_sum.clone(),
                                     None if e.sequence_sums is None else e.sequence_sums.clone())

@@ -69,14 +69,20 @@ def main(golden: Path, out: Path, mode: str, count: int) -> None:
         peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, target_modules=TARGETS))
         lora_da.initialize(peft_model, loader, cfg, progress=False)
         tensors = {n: p.detach() for n, p in peft_model.named_parameters() if "lora_" in n}
-    elif mode == "fsdp2":  # the PEFT model sharded with FSDP2: collection, solve and the sharded adapter
+    elif mode == "sharded":  # statistics reduced to their owners only
+        stats = lora_da.collect_statistics(model, batches, cfg, shard_statistics=True, progress=False)
+        factors = lora_da.solve(stats, cfg, progress=False)
+        tensors = {f"{n}.{k}": getattr(f, k) for n, f in factors.items() for k in ("lora_A", "lora_B")}
+        (out / f"rank{rank}.held.json").write_text(json.dumps({"modules": list(stats.modules),
+                                                               "layout": stats.layout, "bytes": stats.nbytes()}))
+    elif mode == "fsdp2":  # the PEFT model sharded with FSDP2, statistics sharded by owner: the sharded adapter
         from torch.distributed.fsdp import fully_shard
 
         peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, target_modules=TARGETS))
         for layer in peft_model.base_model.model.model.layers:
             fully_shard(layer)
         fully_shard(peft_model)
-        lora_da.initialize(peft_model, batches, cfg, progress=False)  # rank r takes batches r, r + 2, ...
+        lora_da.initialize(peft_model, batches, cfg, shard_statistics=True, progress=False)  # rank r: batches r, r + 2, ...
         tensors = {n: p.full_tensor() for n, p in peft_model.named_parameters() if "lora_" in n}
         tensors.update({f"{n}.local": p.to_local() for n, p in peft_model.named_parameters() if "lora_" in n})
     elif mode.startswith("solve_"):

@@ -72,9 +72,31 @@ def test_distributed_sampler_through_initialize(golden, tmp_path):
         assert_close_relative(ranks[0][name], value, 1e-6)
 
 
+def test_statistics_sharded_by_owner_give_the_factors_of_one_process(golden, tmp_path):
+    """shard_statistics: each rank keeps the sums of its own inputs' modules, none holds every
+    module's, and every rank ends with every factor."""
+    model, cfg, batches = single_process(golden, 12)
+    stats = lora_da.collect_statistics(model, batches, cfg, progress=False)
+    want = lora_da.solve(stats, cfg, progress=False)
+    out = torchrun(tmp_path, "sharded", 12)
+    ranks = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
+    held = [json.loads((out / f"rank{r}.held.json").read_text()) for r in (0, 1)]
+    assert held[0]["layout"] == held[1]["layout"] and held[0]["layout"].keys() == want.keys()
+    assert {name for r in (0, 1) for name in held[r]["modules"]} == set(want)
+    assert not set(held[0]["modules"]) & set(held[1]["modules"]) and all(h["modules"] for h in held)
+    assert all(name in held[owner]["modules"] for name, (owner, _, _) in held[0]["layout"].items())
+    assert held[0]["bytes"] + held[1]["bytes"] == stats.nbytes()
+    for name, factors in want.items():
+        for key in ("lora_A", "lora_B"):
+            assert torch.equal(ranks[0][f"{name}.{key}"], ranks[1][f"{name}.{key}"]), name
+        assert_close_relative(ranks[0][f"{name}.lora_B"] @ ranks[0][f"{name}.lora_A"],
+                              factors.lora_B @ factors.lora_A, 1e-6)
+
+
 def test_fsdp2_sharded_model_gets_the_factors_of_one_process(golden, tmp_path):
-    """fully_shard on every decoder layer and the PEFT model: collection over each rank's half of the
-    data, the split solve, and the factors written into each rank's shard of the adapter."""
+    """fully_shard on every decoder layer and the PEFT model, statistics sharded by owner:
+    collection over each rank's half of the data, the split solve, and the factors written into
+    each rank's shard of the adapter."""
     model, cfg, batches = single_process(golden, 12)
     peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, target_modules=TARGETS))
     lora_da.initialize(peft_model, batches, cfg, progress=False)
@@ -112,3 +134,33 @@ def test_a_dying_rank_ends_the_job_with_its_name(tmp_path):
     done = torchrun(tmp_path, "die", 12, expect_success=False)
     assert done.returncode != 0
     assert "exitcode  : 3" in done.stderr and "rank      : 1" in done.stderr, done.stderr[-3000:]
+
+
+def test_input_owners_split_the_bytes_in_runs_and_leave_no_rank_without_an_input():
+    from types import SimpleNamespace
+
+    from lora_da.distributed import input_owners
+
+    def statistics(sizes):
+        return SimpleNamespace(inputs={f"input{i}": SimpleNamespace(z_sum=torch.empty(size), modules=())
+                                       for i, size in enumerate(sizes)}, modules={})
+
+    assert list(input_owners(statistics([1] * 8), 2).values()) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert list(input_owners(statistics([100, 1, 1, 1]), 2).values()) == [0, 1, 1, 1]
+    assert list(input_owners(statistics([1, 1, 1, 100]), 3).values()) == [0, 0, 1, 2]
+    assert list(input_owners(statistics([5, 5, 5]), 3).values()) == [0, 1, 2]
+    with pytest.raises(ValueError, match="2 distinct inputs cannot be shared by 3 ranks"):
+        input_owners(statistics([1, 1]), 3)
+
+
+def test_sharded_statistics_are_refused_where_they_cannot_serve(tmp_path):
+    from conftest import random_batches, tiny_llama
+
+    stats = lora_da.collect_statistics(tiny_llama(seed=1), random_batches([2], seed=2), progress=False)
+    stats.layout = {name: [0, *entry.g_sum.shape] for name, entry in stats.modules.items()}
+    with pytest.raises(ValueError, match="cannot save statistics sharded by owner"):
+        stats.save(tmp_path / "stats.safetensors")
+    with pytest.raises(ValueError, match="cannot merge statistics sharded by owner"):
+        lora_da.Statistics.merge(stats, stats)
+    with pytest.raises(ValueError, match="solved by the ranks that hold them"):
+        lora_da.solve(stats, progress=False)
