@@ -440,8 +440,9 @@ def collect_statistics(
     parts = []
     for index, (group, chunk) in enumerate(zip(memory.groups, memory.chunks)):
         label = "lora_da collect" + (f" (pass {index + 1}/{memory.passes})" if memory.passes > 1 else "")
-        part = _collect_pass(model, loader, cfg, {name: targets[name] for name in group}, loss_fn or default_loss,
-                             device, label, progress, chunk)
+        with dispatch.pinned("torch" if cfg.deterministic else None):
+            part = _collect_pass(model, loader, cfg, {name: targets[name] for name in group},
+                                 loss_fn or default_loss, device, label, progress, chunk)
         parts.append(part.to("cpu") if memory.passes > 1 else part)
     stats = Statistics.combine(parts) if len(parts) > 1 else parts[0]
     stats.passes = memory.passes

@@ -51,6 +51,7 @@ class LoraDAConfig:
     input_factor_dtype: str = "float64"
     buffer_tokens: int = 4096
     shard_statistics: bool = False
+    deterministic: bool = False
     num_samples: Optional[int] = None
     solver: str = "auto"
     solver_tolerance: float = 1e-7
@@ -100,6 +101,8 @@ class LoraDAConfig:
         if self.normalize_variance_guidance and self.bias_weight == 0 and self.variance_weight > 0:
             raise ValueError("normalize_variance_guidance scales the variance term to the bias term's norm: "
                              "it needs bias_weight > 0")
+        if self.deterministic and self.backend not in ("auto", "torch"):
+            raise ValueError(f"deterministic=True runs the plain PyTorch ops; it cannot use backend={self.backend!r}")
         if not (isinstance(self.buffer_tokens, int) and self.buffer_tokens >= 0):
             raise ValueError(f"buffer_tokens must be an integer >= 0, got {self.buffer_tokens!r}")
         for field in ("population_size", "num_samples"):

@@ -6,6 +6,8 @@ config says ``auto``) and the tensors' device, or says why the requested one can
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import importlib.util
 import logging
@@ -63,6 +65,20 @@ def find(op: str, backend: str) -> Implementation:
     raise KeyError(f"no {backend!r} implementation of {op!r}")
 
 
+_pinned: contextvars.ContextVar = contextvars.ContextVar("lora_da_pinned_backend", default=None)
+
+
+@contextlib.contextmanager
+def pinned(backend: Optional[str]):
+    """Within the block, every op resolves to ``backend`` (None: as asked): ``deterministic``
+    runs pin the plain PyTorch ops, whose reductions never depend on autotuning or atomics."""
+    token = _pinned.set(backend)
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, *,
             missing_is_auto: bool = False) -> Implementation:
     """The implementation of ``op`` for ``backend`` on tensors of ``device``/``dtype``.
@@ -71,7 +87,7 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, *,
     an explicit backend that cannot run raises RuntimeError saying why (``missing_is_auto``: one
     without an implementation of ``op`` at all is treated as ``auto``).
     """
-    backend = requested_backend(backend)
+    backend = _pinned.get() or requested_backend(backend)
     impls = _REGISTRY.get(op, [])
     if missing_is_auto and backend not in {impl.backend for impl in impls}:
         backend = "auto"

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import dispatch, distributed
 from .config import LoraDAConfig, resolve_config
 from .eigensolver import (BlockOperator, SolveInfo, eigh, gram_norm, on_host_threads, on_one_thread,
                           smallest_eigenvectors, top_singular_values)
@@ -502,6 +502,13 @@ class _TokenSpaceProblem:
 def _solve(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]], betas: List[float],
            device: Union[str, torch.device, None], progress: bool):
     """Factors of every module for every (beta, rank set index) on ``device``, and the report."""
+    with dispatch.pinned("torch" if cfg.deterministic else None):
+        return _solve_pinned(stats, cfg, rank_sets, betas, device, progress)
+
+
+def _solve_pinned(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str, int]], betas: List[float],
+                  device: Union[str, torch.device, None], progress: bool):
+    """``_solve`` with its ops' backends chosen."""
     shapes = {name: tuple(shape) for name, shape in stats.fingerprint().items()}  # every module's, also other ranks'
     names = list(shapes)
     device = stats.device if device is None else torch.device(device)
