@@ -17,6 +17,8 @@ counts the floating-point work of each:
 * sigma (one Delta and one Delta^T per step, fp64);
 * with ``--normalize-variance-guidance``, the norms ||Delta^T Delta||_F (Delta formed once per
   module, 2 m n^2, and its smaller Gram, 2 m n min(m, n), fp64);
+* the report's diagnostics: the randomized path's estimate of ||Delta||_F^2 (16 probe columns of
+  Delta) and, per module, e(A), the captured share and the objective;
 * the rest (lora_B = Delta V / sigma, the report) by subtraction, as the rest of LOBPCG
   (Rayleigh-Ritz, SVQB, small eigenproblems) is LOBPCG minus its applies.
 
@@ -32,6 +34,7 @@ import collections
 import functools
 import json
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -144,6 +147,8 @@ def solve_with_phases(stats, rank: int, **options) -> dict:
     meter.time(eigensolver.BlockOperator, "omega", "Omega' applies, {dtype}", apply_flops)
     meter.time(SOLVE, "top_singular_values", "sigma")
     meter.time(eigensolver.BlockOperator, "gram_norms", "||Delta^T Delta||_F", gram_norm_flops)
+    meter.time(SOLVE._BatchedSolver, "delta_norm2", "diagnostics: ||Delta||_F^2 estimate")
+    meter.time(SOLVE, "diagnose", "diagnostics: e(A), share, objective")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -155,11 +160,21 @@ def solve_with_phases(stats, rank: int, **options) -> dict:
     seconds = dict(meter.seconds)
     seconds["rest"] = total - sum(seconds.get(k, 0.0) for k in ("token space", "stacking (includes input factors)",
                                                                  "LOBPCG (includes its applies)", "sigma",
-                                                                 "||Delta^T Delta||_F"))
+                                                                 "||Delta^T Delta||_F",
+                                                                 "diagnostics: ||Delta||_F^2 estimate",
+                                                                 "diagnostics: e(A), share, objective"))
     return {"total": total, "seconds": seconds, "gflop": {k: v / 1e9 for k, v in meter.flops.items()},
             "report": {shape: {k: v for k, v in info.items() if k not in ("dampings", "token_space", "unconverged",
-                                                                          "sigma_unconverged")}
-                       | {"token_space": len(info["token_space"])} for shape, info in factors.report.items()}}
+                                                                          "sigma_unconverged", "diagnostics")}
+                       | {"token_space": len(info["token_space"])} | diagnostics_medians(info)
+                       for shape, info in factors.report.items()}}
+
+
+def diagnostics_medians(info: dict) -> dict:
+    """Median input energy and captured share over a shape's modules."""
+    figures = list(info.get("diagnostics", {}).values())
+    return {f"median {key}": round(statistics.median(f[key] for f in figures), 4)
+            for key in ("input_energy", "captured_share")} if figures else {}
 
 
 def floor_seconds(stats, rates: dict) -> dict:

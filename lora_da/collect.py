@@ -460,7 +460,7 @@ class MemoryPlan:
     chunks: List[int]  # per pass: tokens per statistics op call
     accumulator_bytes: List[int]  # per pass: Z, G and y
     buffer_bytes: List[int]  # per pass: the token buffers at their chunk
-    model_bytes: int  # the model's parameters and buffers (not on the meta device too)
+    model_bytes: int  # the model's parameters and buffers (from their shapes: on the meta device too)
     budget: Optional[int]  # max_memory in bytes, None = unbounded
 
     @property

@@ -50,6 +50,9 @@ class InitReport:
         ]
         if self.peak_memory_bytes is not None:
             lines.append(f"  peak memory {self.peak_memory_bytes / 2**20:.1f} MiB")
+        figures = [f for info in self.solver.values() for f in info.get("diagnostics", {}).values()]
+        if figures:
+            lines.append("  subspace    " + _median_and_min(figures))
         for shape, info in self.solver.items():
             detail = (f", {info['iterations']} iterations, residual {info['residual']:.1e}"
                       if "iterations" in info else "")
@@ -63,7 +66,18 @@ class InitReport:
             stalled = sorted({**info.get("unconverged", {}), **info.get("sigma_unconverged", {})})
             detail += f", NOT CONVERGED: {', '.join(stalled)}" if stalled else ""
             lines.append(f"  solve       {shape}: {info['modules']} modules, {info['solver']}{detail}")
+            if info.get("diagnostics"):
+                lines.append(f"              {_median_and_min(list(info['diagnostics'].values()))}")
         return "\n".join(lines)
+
+
+def _median_and_min(figures: List[Dict[str, float]]) -> str:
+    """Median and minimum of the input energy and captured share over modules (``solve.diagnose``)."""
+    parts = []
+    for key, label in (("input_energy", "input energy e(A)"), ("captured_share", "share of |Delta_hat|^2")):
+        values = torch.tensor([f[key] for f in figures])
+        parts.append(f"{label} median {float(values.median()):.3g} (min {float(values.min()):.3g})")
+    return ", ".join(parts)
 
 
 def _adapter_layers(model: nn.Module, adapter_name: Optional[str], target_modules) -> tuple:

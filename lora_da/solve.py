@@ -25,6 +25,7 @@ SOLVE_BATCH_BYTES = 2**31  # the randomized solver stacks at most this much of G
 CPU_BLOCK_BYTES = 32 * 2**20
 SIGMA_TOLERANCE = 1e-8  # relative change of sigma^2 at which the randomized path's sigma iteration stops
 TOKEN_BASIS_OVERSAMPLING = 8  # extra columns of the range finder of Z when it has fewer tokens than features
+DELTA_NORM_PROBES = 16  # Gaussian columns of the randomized path's estimate of ||Delta||_F^2 (the captured share)
 
 
 def solve_batch_bytes(device: torch.device) -> int:
@@ -160,6 +161,25 @@ def balanced(lora_b: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch
     signs = column_signs(u)  # [1, r]
     root = s.sqrt()
     return u * signs * root, (root[:, None] * signs.T * wt) @ v.T
+
+
+def factor_pair(subspace: Subspace, rank: int, cfg: LoraDAConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lora_B [m, r], lora_A [r, n]) before the 1/sqrt(gamma) step size, from the leading ``rank``
+    columns of ``subspace`` (balanced with ``balance_factors``)."""
+    v, lora_b = subspace.v[:, :rank], subspace.lora_b[:, :rank]
+    return balanced(lora_b, v) if cfg.balance_factors else (lora_b, v.T)
+
+
+def diagnose(subspace: Subspace, rank: int, z: torch.Tensor, cfg: LoraDAConfig) -> Dict[str, float]:
+    """What the chosen subspace is, for a module with input factor Z [n, n]:
+    ``input_energy`` e(A) = tr(A Z A^T) / tr(A A^T) / (tr Z / n), the input energy along lora_A
+    relative to a random direction; ``captured_share`` = ||Delta_hat V||_F^2 / ||Delta_hat||_F^2;
+    ``objective`` = tr(V^T Omega V), the value the subspace minimises."""
+    lora_b, lora_a = factor_pair(subspace, rank, cfg)
+    lora_a = lora_a.to(z.dtype)
+    energy = float((lora_a @ z * lora_a).sum() / lora_a.square().sum() / (z.diagonal().sum() / z.shape[0]))
+    share = float(subspace.lora_b[:, :rank].square().sum()) / subspace.delta_norm2
+    return {"input_energy": energy, "captured_share": share, "objective": float(subspace.values[:rank].sum())}
 
 
 def exact_subspace(dhat: torch.Tensor, zd_inv: Optional[torch.Tensor], c: float, bias_weight: float, rank: int,
@@ -405,7 +425,17 @@ def solve_sweep(
     return {(beta, rank): Factors(sweep[(beta, i)], report) for beta in betas for i, rank in enumerate(rank_list)}
 
 
-Subspaces = Dict[Tuple[float, str], Tuple[torch.Tensor, torch.Tensor]]  # (beta, module) -> V [n, R], Delta V / s [m, R]
+@dataclass
+class Subspace:
+    """One module's solution at the largest rank R asked for."""
+
+    v: torch.Tensor  # V [n, R]
+    lora_b: torch.Tensor  # Delta_hat V [m, R]
+    values: torch.Tensor  # [R]: v_i^T Omega v_i (the objective's terms)
+    delta_norm2: float  # ||Delta_hat||_F^2 (estimated on the randomized path: ``_BatchedSolver.solve``)
+
+
+Subspaces = Dict[Tuple[float, str], Subspace]  # (beta, module) -> its solution
 
 
 def sketched_outside(gradient: torch.Tensor, projected: torch.Tensor, w: torch.Tensor, probe: torch.Tensor) -> float:
@@ -430,9 +460,9 @@ def rounding_outside(stats: Statistics, name: str, projected: torch.Tensor, z: t
 
 def token_space_subspaces(stats: Statistics, names: Sequence[str], factors: InputFactors, cfg: LoraDAConfig,
                           betas: Sequence[float], rank: int, population: int,
-                          eigh_on_host: bool = True) -> Dict[str, Dict[float, Tuple[torch.Tensor, torch.Tensor]]]:
+                          eigh_on_host: bool = True) -> Dict[str, Dict[float, Subspace]]:
     """The exact subspaces of those of ``names`` (one shape) whose input has fewer counted tokens
-    than features: module -> beta -> (V [n, R], Delta V / s [m, R]).
+    than features: module -> beta -> Subspace.
 
     With (W [n, s], z [s]) = ``factors.token_basis`` and S = span(W), Zd is diag(z + damping) on S
     and damping I on its complement, where Z vanishes. When G has no rows outside S (every token
@@ -460,7 +490,7 @@ def token_space_subspaces(stats: Statistics, names: Sequence[str], factors: Inpu
             raise ValueError(f"module {name!r}: the gradient is zero, LoRA-DA has no direction to follow")
         problems.append(_TokenSpaceProblem(name, w, delta, 1.0 / (z + factors.dampings[key]), factors.dampings[key],
                                            float(d.sum())))
-    out: Dict[str, Dict[float, Tuple[torch.Tensor, torch.Tensor]]] = {}
+    out: Dict[str, Dict[float, Subspace]] = {}
     for size in sorted({problem.basis.shape[1] for problem in problems}):
         group = [problem for problem in problems if problem.basis.shape[1] == size]
         grams = torch.stack([problem.delta.T @ problem.delta for problem in group])  # [b, s, s]
@@ -483,7 +513,9 @@ def token_space_subspaces(stats: Statistics, names: Sequence[str], factors: Inpu
                 if float(values[i, rank - 1]) < float(variance[i]) / problem.damping:  # the complement's
                     v = fix_signs(problem.basis @ vectors[i, :, :rank])
                     lora_b = problem.delta @ (problem.basis.T @ v) / float(scale[i])
-                    out.setdefault(problem.name, {})[beta] = v, lora_b
+                    out.setdefault(problem.name, {})[beta] = Subspace(
+                        v, lora_b, values[i, :rank] / float(scale[i]) ** 2,
+                        float(problem.delta.square().sum()) / float(scale[i]) ** 2)
     return {name: found for name, found in out.items() if len(found) == len(betas)}
 
 
@@ -523,15 +555,17 @@ def _solve_pinned(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str
     place = distributed.world()
     if place is None and stats.layout is not None:
         raise ValueError("statistics sharded by owner are solved by the ranks that hold them, inside their process group")
+    diagnosed = (betas[0], rank_sets[0]) if len(betas) == len(rank_sets) == 1 else None
     if place is None:
-        subspaces, report = _solve_groups(stats, cfg, groups, betas, device, progress)
+        subspaces, report = _solve_groups(stats, cfg, groups, betas, device, progress, diagnosed)
     else:  # each rank solves its share of every shape (its own modules when sharded); the factors are broadcast after
         owners = ({name: stats.layout[name][0] for name in names} if stats.layout is not None
                   else distributed.module_owners(list(groups.values()), place[1]))
         mine = {key: [n for n in group if owners[n] == place[0]] for key, group in groups.items()}
         subspaces, report, error = {}, {}, None
         try:
-            subspaces, report = _solve_groups(stats, cfg, {k: g for k, g in mine.items() if g}, betas, device, progress)
+            subspaces, report = _solve_groups(stats, cfg, {k: g for k, g in mine.items() if g}, betas, device, progress,
+                                              diagnosed)
         except BaseException as exc:  # every rank must reach the agreement, or the others wait forever
             error = exc
         distributed.agree_on_failure(error, device, "the solve")
@@ -543,9 +577,7 @@ def _solve_pinned(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str
             for name in names:
                 if (beta, name) not in subspaces:
                     continue  # another rank's module
-                v, lora_b = subspaces[(beta, name)]
-                v, lora_b = v[:, :rank_set[name]], lora_b[:, :rank_set[name]]
-                lora_b, lora_a = balanced(lora_b, v) if cfg.balance_factors else (lora_b, v.T)
+                lora_b, lora_a = factor_pair(subspaces[(beta, name)], rank_set[name], cfg)
                 sweep[(beta, i)][name] = LoraFactors((lora_a * scale).to(out_dtype).contiguous(),
                                                      (lora_b * scale).to(out_dtype).contiguous())
             if place is not None:
@@ -556,9 +588,12 @@ def _solve_pinned(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str
 
 
 def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, int, int], List[str]],
-                  betas: List[float], device: torch.device, progress: bool) -> Tuple[Subspaces, Dict[str, dict]]:
+                  betas: List[float], device: torch.device, progress: bool,
+                  diagnosed: Optional[Tuple[float, Dict[str, int]]] = None) -> Tuple[Subspaces, Dict[str, dict]]:
     """Subspaces of the modules in ``groups`` ((m, n, largest rank) -> names) for every beta, and
-    the report; warns of the modules left unconverged."""
+    the report; warns of the modules left unconverged. ``diagnosed`` = (beta, module -> rank): the
+    factors whose ``diagnose`` figures go into the report as ``diagnostics`` (module -> figures;
+    a single solve only: a sweep's sets share one report)."""
     population = cfg.population_size or stats.population_size
     budget = solve_batch_bytes(device)
     chunks = [(shape, chunk) for shape, group in groups.items()
@@ -594,15 +629,24 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
                                                 lambda key=key: factors.inverse(key))
                     zd_inv = factors.inverse(key) if c != 0.0 else None
                     v = fix_signs(exact_subspace(ng.delta_hat, zd_inv, c, cfg.bias_weight, rank, eigh_on_host))
-                    subspaces[(beta, name)] = v, ng.delta_hat @ v
+                    lora_b = ng.delta_hat @ v
+                    values = -cfg.bias_weight * lora_b.square().sum(dim=0)
+                    if zd_inv is not None:
+                        values += c * (v * (zd_inv @ v)).sum(dim=0)
+                    subspaces[(beta, name)] = Subspace(v, lora_b, values, float(ng.delta_hat.square().sum()))
         elif rest:
             results, sigma_info = batched.solve(rest, rank, betas, last_readers)
-            for beta, (v, lora_b, convergence) in zip(betas, results):
-                for i, name in enumerate(rest):
-                    subspaces[(beta, name)] = v[i], lora_b[i]
+            for beta, (found, convergence) in zip(betas, results):
+                subspaces.update({(beta, name): subspace for name, subspace in zip(rest, found)})
                 _record(info, rest, convergence, "iterations", "residual", "unconverged")
             _record(info, rest, sigma_info, "sigma_iterations", "sigma_change", "sigma_unconverged")
         info.setdefault("dampings", {}).update({name: factors.dampings[stats.modules[name].input_key] for name in chunk})
+        if diagnosed is not None:
+            beta, ranks = diagnosed
+            info.setdefault("diagnostics", {}).update(
+                {name: diagnose(subspaces[(beta, name)], ranks[name],
+                                stats.input_factor(stats.modules[name].input_key, device).double(), cfg)
+                 for name in chunk})
         for key in last_readers:
             factors.release(key)
     warn_unconverged(report, cfg)
@@ -689,13 +733,13 @@ class _BatchedSolver:
         return op
 
     def solve(self, names, rank: int, variance_weights: Sequence[float], release: Iterable[str] = ()):
-        """([per variance weight: (V [b, n, r], Delta V / s [b, m, r], SolveInfo)], sigma's
-        SolveInfo) for the modules ``names`` (one shape); the operator and sigma are shared by the
+        """([per variance weight: ([Subspace per module], SolveInfo)], sigma's SolveInfo) for the
+        modules ``names`` (one shape); the operator, sigma and ||Delta||_F are shared by the
         variance weights."""
         op, cfg = self.operator(names, release), self.cfg
         working = op.to(torch.float32) if cfg.solver_mixed_precision else None
         eigh_on_host = cfg.solver_small_eigh == "host"
-        sigma = sigma_info = None
+        sigma = sigma_info = norms_of_delta = None
         norms = functools.lru_cache(maxsize=None)(lambda: (op.gram_norms(), op.inverse_norms()))
         results = []
         for beta in variance_weights:
@@ -716,8 +760,23 @@ class _BatchedSolver:
                     sigma = torch.ones(len(names), dtype=op.gradient.dtype, device=op.gradient.device)
                     sigma_info = SolveInfo.exact(len(names))
             v = fix_signs(v)
-            results.append((v, op.delta(v) / delta_scale(sigma, cfg)[:, None, None], convergence))
+            scale = delta_scale(sigma, cfg)[:, None]
+            delta_v = op.delta(v)
+            values = (v * op.omega(v)).sum(dim=1) / scale**2
+            if norms_of_delta is None:
+                norms_of_delta = self.delta_norm2(op, v, delta_v) / scale[:, 0] ** 2
+            results.append(([Subspace(v[i], delta_v[i] / scale[i], values[i], float(norms_of_delta[i]))
+                              for i in range(len(names))], convergence))
         return results, sigma_info
+
+    def delta_norm2(self, op: BlockOperator, v: torch.Tensor, delta_v: torch.Tensor) -> torch.Tensor:
+        """||Delta_b||_F^2 [b], without forming Delta: ||Delta V||^2 (exact, V [b, n, R] orthonormal,
+        Delta V given) plus the unbiased estimate ||Delta (I - V V^T) W||^2 / k of the rest, from
+        k = DELTA_NORM_PROBES Gaussian columns W (seeded): E ||A w||^2 = ||A||_F^2."""
+        probes = torch.randn(v.shape[0], v.shape[1], DELTA_NORM_PROBES, dtype=v.dtype, generator=self.generator)
+        probes = probes.to(v.device)
+        rest = probes - v @ (v.mT @ probes)
+        return delta_v.square().sum(dim=(1, 2)) + op.delta(rest).square().sum(dim=(1, 2)) / DELTA_NORM_PROBES
 
 
 def _stacked(makers, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -39,6 +39,10 @@ def test_token_space_solve_equals_the_full_solve(monkeypatch, variance_weight):
     assert not any(info["token_space"] for info in want.report.values())
     for name in want:
         assert relative_ba_error(fast[name], want[name]) <= 1e-8, name
+    for shape, info in want.report.items():  # the diagnostics too
+        for name, figures in info["diagnostics"].items():
+            for key, value in figures.items():
+                assert fast.report[shape]["diagnostics"][name][key] == pytest.approx(value, rel=1e-7, abs=1e-10), key
         torch.testing.assert_close(fast[name].lora_A @ fast[name].lora_A.T * CFG.gamma,
                                    torch.eye(4, dtype=torch.float64), atol=1e-10, rtol=0)
 
