@@ -211,26 +211,23 @@ def run_init(args) -> None:
     if not model_dir.is_dir():
         raise BadInput(f"--model {model_dir}: no such folder")
     examples = read_examples(Path(args.data), args.text_field, args.prompt_field)
-    max_memory = args.max_memory if args.max_memory in (None, "auto") else _bytes(args.max_memory)
-    try:  # before the model is loaded
-        cfg = lora_da.LoraDAConfig(
-            population_size=args.population_size or len(examples), variance_weight=args.variance_weight,
-            bias_weight=args.bias_weight, damping=args.damping, gamma=args.gamma, solver=args.solver,
-            backend=args.backend, seed=args.seed, balance_factors=args.balance_factors,
-            output_damping_ratio=args.output_damping_ratio,
-            normalize_variance_guidance=args.normalize_variance_guidance,
-            delta_normalization_power=args.delta_normalization_power,
-            delta_normalization_reference=args.delta_normalization_reference,
-        )
-    except ValueError as error:
-        raise BadInput(str(error)) from None
+    max_memory = _max_memory(args)
+    cfg = _config(  # before the model is loaded
+        population_size=args.population_size or len(examples), variance_weight=args.variance_weight,
+        bias_weight=args.bias_weight, damping=args.damping, gamma=args.gamma, solver=args.solver,
+        backend=args.backend, seed=args.seed, balance_factors=args.balance_factors,
+        output_damping_ratio=args.output_damping_ratio,
+        normalize_variance_guidance=args.normalize_variance_guidance,
+        delta_normalization_power=args.delta_normalization_power,
+        delta_normalization_reference=args.delta_normalization_reference,
+    )
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(model_dir, Path(args.tokenizer or args.model), args.dtype, args.device,
                                   args.load_in_4bit)
     batches = calibration_batches(examples[: args.samples], tokenizer, args)
-    targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
-                                                  target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"))
+                                                  target_modules=_target_modules(args), lora_dropout=0.0,
+                                                  task_type="CAUSAL_LM"))
     statistics = None
     if args.save_statistics:  # collect here (adapters off, as initialize does) to keep the statistics
         with peft_model.disable_adapter():
@@ -254,17 +251,32 @@ def run_plan(args) -> None:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise BadInput(f"--model {model_dir}: no config.json (not a Hugging Face model folder)")
-    max_memory = args.max_memory if args.max_memory in (None, "auto") else _bytes(args.max_memory)
-    targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
-    try:
-        cfg = lora_da.LoraDAConfig(target_modules=targets, input_factor_dtype=args.input_factor_dtype,
-                                   buffer_tokens=args.buffer_tokens)
-    except ValueError as error:
-        raise BadInput(str(error)) from None
+    cfg = _config(target_modules=_target_modules(args), input_factor_dtype=args.input_factor_dtype,
+                  buffer_tokens=args.buffer_tokens)
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
-    print(lora_da.plan_memory(model, cfg, max_memory))
+    print(lora_da.plan_memory(model, cfg, _max_memory(args)))
+
+
+def _config(**fields):
+    """LoraDAConfig(**fields), its ValueError a BadInput."""
+    import lora_da
+
+    try:
+        return lora_da.LoraDAConfig(**fields)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+
+
+def _target_modules(args):
+    """--target-modules as PEFT takes them: "all-linear" alone is a string."""
+    return args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
+
+
+def _max_memory(args):
+    """--max-memory: None, "auto" or a number of bytes."""
+    return args.max_memory if args.max_memory in (None, "auto") else _bytes(args.max_memory)
 
 
 def _bytes(text: str) -> int:

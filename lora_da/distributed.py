@@ -2,10 +2,10 @@
 
 Every rank collects statistics over its shard of the calibration data; the sums and counts are
 then reduced with ``all_reduce`` (one flat buffer per distinct input: Z with the G and y of the
-modules that read it), so every rank holds the statistics of all the data, or with
-``shard_statistics`` reduced to one owner per input, so that each rank keeps only its own. The solve is split by
-module across ranks and each module's factors are broadcast from the rank that solved it, so
-every rank ends with identical adapters. Nothing here runs unless a process group is
+modules that read it), so every rank holds the statistics of all the data (or, with
+``shard_statistics``, reduced to one owner per input, so that each rank keeps its own). The
+solve is split by module across ranks and each module's factors are broadcast from the rank that
+solved it, so every rank ends with identical adapters. Nothing here runs unless a process group is
 initialised with more than one rank.
 """
 from __future__ import annotations

@@ -175,8 +175,7 @@ def diagnose(subspace: Subspace, rank: int, z: torch.Tensor, cfg: LoraDAConfig) 
     ``input_energy`` e(A) = tr(A Z A^T) / tr(A A^T) / (tr Z / n), the input energy along lora_A
     relative to a random direction; ``captured_share`` = ||Delta_hat V||_F^2 / ||Delta_hat||_F^2;
     ``objective`` = tr(V^T Omega V), the value the subspace minimises."""
-    lora_b, lora_a = factor_pair(subspace, rank, cfg)
-    lora_a = lora_a.to(z.dtype)
+    lora_a = factor_pair(subspace, rank, cfg)[1].to(z.dtype)
     energy = float((lora_a @ z * lora_a).sum() / lora_a.square().sum() / (z.diagonal().sum() / z.shape[0]))
     share = float(subspace.lora_b[:, :rank].square().sum()) / subspace.delta_norm2
     return {"input_energy": energy, "captured_share": share, "objective": float(subspace.values[:rank].sum())}
