@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     method.add_argument("--variance-weight", metavar="BETA", type=float, default=0.03, help="beta (default 0.03)")
     method.add_argument("--bias-weight", metavar="ALPHA", type=float, default=1.0, help="alpha of the bias term (default 1)")
     method.add_argument("--damping", metavar="LAMBDA", type=float, default=1e-6, help="lambda (default 1e-6)")
+    method.add_argument("--damping-mode", default="absolute", choices=["absolute", "relative"],
+                        help="relative: lambda times each factor's mean eigenvalue (default absolute, the paper's)")
     method.add_argument("--gamma", metavar="GAMMA", type=float, default=1024.0, help="step size gamma (default 1024)")
     method.add_argument("--balance-factors", action="store_true",
                         help="split B A as U S^1/2, S^1/2 W^T (independent of the subspace's basis)")
@@ -214,7 +216,8 @@ def run_init(args) -> None:
     max_memory = _max_memory(args)
     cfg = _config(  # before the model is loaded
         population_size=args.population_size or len(examples), variance_weight=args.variance_weight,
-        bias_weight=args.bias_weight, damping=args.damping, gamma=args.gamma, solver=args.solver,
+        bias_weight=args.bias_weight, damping=args.damping, damping_mode=args.damping_mode,
+        gamma=args.gamma, solver=args.solver,
         backend=args.backend, seed=args.seed, balance_factors=args.balance_factors,
         output_damping_ratio=args.output_damping_ratio,
         normalize_variance_guidance=args.normalize_variance_guidance,

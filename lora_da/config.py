@@ -11,6 +11,7 @@ SOLVERS = ("auto", "exact", "randomized")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 SMALL_EIGH_PLACES = ("host", "device")
 INPUT_FACTOR_DTYPES = ("float32", "float64")
+DAMPING_MODES = ("absolute", "relative")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,10 @@ class LoraDAConfig:
     the randomized solver applies Omega to its search directions in fp32 and checks convergence in
     fp64 (False: fp64 throughout). ``solver_small_eigh``: on GPUs, where the solvers' small
     eigenproblems above 32 x 32 run: ``host`` threads (torch's CUDA eigh solves a batch of them
-    one matrix at a time) or the ``device``.
+    one matrix at a time) or the ``device``. ``damping_mode``: ``absolute`` (the paper's) adds
+    lambda to both Kronecker factors; ``relative`` adds lambda * tr(Z) / n to each input factor
+    Z [n, n] and lambda * mean(y) to each output factor y [m] (lambda where that scale is 0), which
+    bounds how far Zd^-1 can whiten an input: by 1 / lambda against its mean eigenvalue.
 
     The authors' further options (ALGORITHM.md; each default leaves the method unchanged):
     ``output_damping_ratio`` rho damps the output factor by max(rho * median(y), tiny) instead of
@@ -43,6 +47,7 @@ class LoraDAConfig:
     bias_weight: float = 1.0
     variance_weight: float = 0.03
     damping: float = 1e-6
+    damping_mode: str = "absolute"
     gamma: float = 1024.0
     population_size: Optional[int] = None
     normalize_delta: bool = True
@@ -76,6 +81,7 @@ class LoraDAConfig:
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("solver_small_eigh", self.solver_small_eigh, SMALL_EIGH_PLACES)
         _check_choice("input_factor_dtype", self.input_factor_dtype, INPUT_FACTOR_DTYPES)
+        _check_choice("damping_mode", self.damping_mode, DAMPING_MODES)
         if not (isinstance(self.rank, int) and self.rank >= 1):
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if self.bias_weight < 0 or self.variance_weight < 0:

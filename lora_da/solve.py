@@ -96,11 +96,18 @@ def damped_cholesky(zd: torch.Tensor, damping: float, what: str) -> torch.Tensor
     return zd
 
 
+def scaled_damping(damping: float, scale: float) -> float:
+    """``damping`` * ``scale``, the mean eigenvalue of a factor (``damping_mode="relative"``), or
+    ``damping`` where that factor is 0."""
+    return damping * scale if scale > 0 else damping
+
+
 def output_damping(y: torch.Tensor, cfg: LoraDAConfig) -> float:
-    """The output side's damping for y [m]: lambda, or with ``output_damping_ratio`` rho
-    max(rho * median(y), the smallest positive normal number of y's dtype)."""
+    """The output side's damping for y [m]: lambda (lambda * mean(y) when ``damping_mode`` is
+    relative), or with ``output_damping_ratio`` rho max(rho * median(y), the smallest positive
+    normal number of y's dtype)."""
     if cfg.output_damping_ratio is None:
-        return cfg.damping
+        return scaled_damping(cfg.damping, float(y.double().mean())) if cfg.damping_mode == "relative" else cfg.damping
     return max(cfg.output_damping_ratio * float(torch.median(y)), torch.finfo(y.dtype).tiny)
 
 
@@ -248,11 +255,14 @@ class InputFactors:
     """Per distinct input of ``stats``, in fp64 on ``device``: the lower Cholesky factor L of
     Zd = Z + damping I [n, n], Zd^-1 and Zd, each made once, one-threaded (the same bits however
     it is reached), and kept until ``release``. The damping of each input is chosen once: the
-    config's, or the rounding floor of Z's sums where that is larger (``rounding_floor``). On CPUs
+    config's (times tr(Z) / n where it is ``relative``), or the rounding floor of Z's sums where
+    that is larger (``rounding_floor``). On CPUs
     ``stacked_inverses`` makes the factors of several inputs side by side on host threads."""
 
-    def __init__(self, stats: Statistics, damping: float, device: torch.device, seed: int = 0):
+    def __init__(self, stats: Statistics, damping: float, device: torch.device, seed: int = 0,
+                 relative: bool = False):
         self.stats, self.damping, self.device, self.seed = stats, damping, device, seed
+        self.relative = relative
         self.factors: Dict[str, torch.Tensor] = {}  # key -> L
         self.inverses: Dict[str, torch.Tensor] = {}  # key -> Zd^-1
         self.bases: Dict[str, Optional[Tuple[torch.Tensor, torch.Tensor]]] = {}  # key -> token_basis
@@ -262,10 +272,11 @@ class InputFactors:
 
     def _choose_damping(self, key: str, z: torch.Tensor) -> Tuple[float, float]:
         """(damping, rounding floor) of input ``key`` whose Z [n, n] is ``z``: the damping is the
-        config's, or the floor where that is larger."""
+        config's (relative: times tr(Z) / n), or the floor where that is larger."""
         entry = self.stats.inputs[key]
         floor = rounding_floor(z, entry.num_tokens, entry.z_sum.dtype)
-        self.dampings[key] = max(self.damping, floor)
+        damping = scaled_damping(self.damping, float(z.diagonal().sum()) / z.shape[0]) if self.relative else self.damping
+        self.dampings[key] = max(damping, floor)
         return self.dampings[key], floor
 
     def _factor(self, key: str) -> torch.Tensor:
@@ -599,7 +610,7 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
               for chunk in _chunks(stats, group, shape, budget,
                                    solve_batch_modules(device, shape[1], shape[2] + cfg.solver_oversampling))]
     readers = Counter(stats.modules[n].input_key for _, chunk in chunks for n in chunk)
-    factors = InputFactors(stats, cfg.damping, device, cfg.seed)
+    factors = InputFactors(stats, cfg.damping, device, cfg.seed, relative=cfg.damping_mode == "relative")
     batched = _BatchedSolver(stats, cfg, population, factors, device)
     eigh_on_host = cfg.solver_small_eigh == "host"
     subspaces: Subspaces = {}

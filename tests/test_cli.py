@@ -80,9 +80,11 @@ def test_the_authors_options_reach_the_factors(model_dir, data_file, tmp_path):
     """The options' flags give the library's factors with the same config fields."""
     out = tmp_path / "adapter"
     options = {"balance_factors": True, "output_damping_ratio": 0.1, "normalize_variance_guidance": True,
-               "delta_normalization_power": 0.5, "delta_normalization_reference": 2.0}
+               "delta_normalization_power": 0.5, "delta_normalization_reference": 2.0,
+               "damping_mode": "relative", "damping": 1e-2}
     flags = ["--balance-factors", "--output-damping-ratio", "0.1", "--normalize-variance-guidance",
-             "--delta-normalization-power", "0.5", "--delta-normalization-reference", "2"]
+             "--delta-normalization-power", "0.5", "--delta-normalization-reference", "2",
+             "--damping-mode", "relative", "--damping", "1e-2"]
     args = ["init", "--model", str(model_dir), "--data", str(data_file), "--rank", "4", "--output", str(out),
             "--dtype", "float64", "--quiet", *flags]
     assert cli.main(args) == 0
@@ -161,7 +163,7 @@ def test_help_reads_well():
     for option in ("--model DIR", "--data FILE.jsonl", "--rank", "--output ADAPTER_DIR", "--prompt-field",
                    "--variance-weight", "--backend", "--rslora", "--samples", "--balance-factors",
                    "--output-damping-ratio RHO", "--normalize-variance-guidance", "--delta-normalization-power P",
-                   "--delta-normalization-reference REF", "--load-in-4bit"):
+                   "--delta-normalization-reference REF", "--load-in-4bit", "--damping-mode"):
         assert option in done.stdout, option
     top = subprocess.run([str(LORA_DA), "--help"], capture_output=True, text=True, timeout=120)
     assert top.returncode == 0 and "init" in top.stdout and "demo" in top.stdout

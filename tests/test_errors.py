@@ -70,6 +70,7 @@ def test_unknown_choices(field, value):
 
 @pytest.mark.parametrize("options,match", [
     ({"output_damping_ratio": -0.1}, "output_damping_ratio must be >= 0"),
+    ({"damping_mode": "scaled"}, "unknown damping_mode 'scaled'"),
     ({"delta_normalization_power": 0.0}, r"delta_normalization_power must be in \(0, 2\]"),
     ({"delta_normalization_power": 2.5}, r"delta_normalization_power must be in \(0, 2\]"),
     ({"delta_normalization_reference": 0.0}, "delta_normalization_reference must be > 0"),

@@ -77,10 +77,13 @@ def reference_statistics(model, batches, names, kind):
 
 def reference_ba(stat, cfg, population):
     """B A = dhat V V^T / gamma with explicit inverses and a dense output Fisher."""
-    lam = cfg.damping
+    relative = cfg.damping_mode == "relative"
     n = stat["Z"].shape[0]
+    lam = cfg.damping * float(torch.trace(stat["Z"])) / n if relative else cfg.damping
     zd_inv = torch.linalg.inv(0.5 * (stat["Z"] + stat["Z"].T) + lam * torch.eye(n, dtype=torch.float64))
-    lam_y = lam if cfg.output_damping_ratio is None else cfg.output_damping_ratio * float(stat["y"].median())
+    lam_y = cfg.damping * float(stat["y"].mean()) if relative else cfg.damping
+    if cfg.output_damping_ratio is not None:
+        lam_y = cfg.output_damping_ratio * float(stat["y"].median())
     if cfg.output_fisher == "diagonal":
         d = 1.0 / (stat["y"] + lam_y)
     else:
@@ -176,6 +179,28 @@ def test_the_authors_options_match_slow_reference(fisher, solver):
     stats = lora_da.collect_statistics(model, batches, cfg, progress=False, target_modules=names)
     expected, _ = reference_statistics(model, batches, names, "attention")
     assert_matches_reference(stats, expected, cfg)
+
+
+@pytest.mark.parametrize("solver", ["exact", "randomized"])
+@pytest.mark.parametrize("fisher", ["diagonal", "sequence_lowrank"])
+def test_relative_damping_matches_slow_reference(fisher, solver):
+    """damping_mode="relative": lambda tr(Z) / n on each input, lambda mean(y) on each output."""
+    model = tiny_llama(seed=3)
+    batches = random_batches([3, 2, 4], seed=6)
+    cfg = lora_da.LoraDAConfig(rank=3, variance_weight=0.5, damping=0.05, damping_mode="relative", gamma=16.0,
+                               population_size=40, output_fisher=fisher, solver=solver)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.down_proj"]
+    stats = lora_da.collect_statistics(model, batches, cfg, progress=False, target_modules=names)
+    expected, _ = reference_statistics(model, batches, names, "attention")
+    assert_matches_reference(stats, expected, cfg)
+    absolute = lora_da.solve(stats, cfg, damping_mode="absolute", progress=False)
+    relative_factors = lora_da.solve(stats, cfg, progress=False)
+    dampings = {name: d for info in relative_factors.report.values() for name, d in info["dampings"].items()}
+    for name in names:
+        z = stats.input_factor(stats.modules[name].input_key)
+        assert dampings[name] == pytest.approx(0.05 * float(torch.trace(z)) / z.shape[0], rel=1e-12)
+        assert relative(absolute[name].lora_B @ absolute[name].lora_A,
+                        relative_factors[name].lora_B @ relative_factors[name].lora_A) > 1e-3, name
 
 
 def test_shared_inputs_detected_from_tensors():

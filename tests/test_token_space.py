@@ -94,7 +94,8 @@ def test_statistics_whose_z_outranks_their_token_count_keep_the_full_solve(monke
     {"normalize_variance_guidance": True, "variance_weight": 0.5},
     {"delta_normalization_power": 0.5, "delta_normalization_reference": 2.0},
     {"balance_factors": True},
-], ids=["output_damping_ratio", "normalize_variance_guidance", "delta_power", "balance_factors"])
+    {"damping_mode": "relative", "damping": 1e-2},
+], ids=["output_damping_ratio", "normalize_variance_guidance", "delta_power", "balance_factors", "relative_damping"])
 def test_token_space_honours_the_authors_options(monkeypatch, options):
     """Each further option in the span of the tokens gives the full exact solve's factors (lora_A
     and lora_B one by one where they are balanced); ||Zd^-1||_F there counts the complement."""
