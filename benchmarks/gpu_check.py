@@ -4,7 +4,8 @@ and the batched solver.
     python benchmarks/gpu_check.py [--quick] [--skip-build] [--skip-tests] [--skip-solver]
 
 Benchmarks ``fisher_update`` at Llama-2-7B layer shapes (n = 4096, 11008; m = 4096, 11008;
-T = 2048..16384 tokens; 0% and 30% of tokens masked; bf16 inputs) for every kernel backend against
+T = 2048..16384 tokens; 0% and 30% of tokens masked; bf16 inputs) for every kernel backend (as
+called with a mask, and ``_compacted``: counted tokens first, as the token buffers pass them) against
 the best plain-PyTorch paths: fp32 ``addmm_`` and a bf16 matmul with fp32 output then add (their
 inputs cast and masked beforehand, outside the timing), and against Z summed in fp64 as
 ``input_factor_dtype="float64"`` (the default) sums it (``torch_fp64_z``: what that default costs
@@ -165,7 +166,8 @@ def benchmark(device: str, shapes, tokens_list, say, peak: float) -> list:
             say(f"backend {name} skipped: {reason}")
     records = []
     say(f"{'op':<6}{'n':>6}{'m':>6}{'T':>6}{'mask':>6}  " + "  ".join(f"{k:>18}" for k in
-        ["torch_fp32_addmm", "torch_bf16_mm", "torch_fp64_z"] + backends) + "   (TFLOP/s, % of peak)")
+        ["torch_fp32_addmm", "torch_bf16_mm", "torch_fp64_z"] + [b + s for b in backends for s in ("", "_compacted")])
+        + "   (TFLOP/s, % of peak)")
     for n, m in shapes:
         for tokens in tokens_list:
             for masked in (0.0, 0.3):
@@ -179,13 +181,18 @@ def benchmark(device: str, shapes, tokens_list, say, peak: float) -> list:
                 g = None if m is None else torch.zeros(m, n, device=device)
                 y = None if m is None else torch.zeros(m, device=device)
                 impls = plain_paths(x, w, grad, z, g, y)
+                order = torch.argsort((w == 0).to(torch.int8), stable=True)  # counted tokens first
+                layouts = {"": (x, w, grad, None), "_compacted": (x[order], w[order], None if grad is None else grad[order],
+                                                                  counted)}
                 for name in backends:
                     fn = dispatch.find("fisher_update", name).fn
-                    x3, mask3 = x[None], w[None].bool()
-                    grads = [] if grad is None else [grad[None]]
-                    gs, ys = ([] if g is None else [g]), ([] if y is None else [y])
-                    impls[name] = (lambda fn=fn, x3=x3, mask3=mask3, grads=grads, z=z, gs=gs, ys=ys:
-                                   fn(x3, mask3, grads, z, gs, ys))
+                    for suffix, (xl, wl, gl, prefix) in layouts.items():
+                        # "_compacted": counted tokens first, as the collector's token buffers pass them
+                        x3, mask3 = xl[None], wl[None].bool()
+                        grads = [] if gl is None else [gl[None]]
+                        gs, ys = ([] if g is None else [g]), ([] if y is None else [y])
+                        impls[name + suffix] = (lambda fn=fn, x3=x3, mask3=mask3, grads=grads, z=z, gs=gs, ys=ys,
+                                                prefix=prefix: fn(x3, mask3, grads, z, gs, ys, counted=prefix))
                 row = {"op": "Z" if m is None else "Z+G+y", "n": n, "m": m, "tokens": tokens, "masked": masked,
                        "counted_tokens": counted, "useful_flops": flops, "ms": {}, "tflops": {}}
                 for name, fn in impls.items():
@@ -198,7 +205,7 @@ def benchmark(device: str, shapes, tokens_list, say, peak: float) -> list:
                 records.append(row)
                 say(f"{row['op']:<6}{n:>6}{m or '-':>6}{tokens:>6}{masked:>6.0%}  " + "  ".join(
                     f"{row['tflops'][k]:>9.0f} ({row['tflops'][k] / peak:>4.0%})" for k in row["tflops"]))
-                del x, grad, z, g, y, impls
+                del x, grad, z, g, y, impls, layouts
                 if device == "cuda":
                     torch.cuda.empty_cache()
     return records

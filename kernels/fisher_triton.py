@@ -1,8 +1,10 @@
 """Triton implementation of the statistics op (see ``reference.fisher_update`` for the contract).
 
 Two kernels per call:
-  * ``_z_upper_kernel``: Z += X^T diag(M) X on the upper-triangular tiles only, reading just the
-    counted tokens through a device-side index list (no host synchronisation);
+  * ``_z_upper_kernel``: Z += X^T diag(M) X on the upper-triangular tiles only (one program per
+    tile, or a persistent grid of a few per SM looping over them: autotuned), reading just the
+    counted tokens: the first ``counted`` rows where the caller compacted them (the collector's
+    token buffers do), else through a device-side index list (no host synchronisation);
   * ``_g_kernel``: G_k += Gout_k^T X over every token, with y_k += sum_t M_t Gout_k[t]^2 fused
     into the programs of the first column of tiles.
 Both are autotuned per shape, dtype and token bucket (``token_bucket``: calls see a few hundred
@@ -23,14 +25,18 @@ import triton.language as tl
 from .reference import write_sequence_sums
 from .triton_setup import AUTOTUNE_EXTRA, INTERPRET, configs, tile_prune
 
+# PROGRAMS_PER_SM: 0 launches one program per upper-triangular tile; k > 0 launches k per SM
+# (at most one per tile), each looping over the tiles with a stride of the grid (persistent)
 _Z_CONFIGS = configs(
     [
-        {"BLOCK_N": 128, "BLOCK_T": 64, "warps": 8, "stages": 3},
-        {"BLOCK_N": 128, "BLOCK_T": 32, "warps": 4, "stages": 4},
-        {"BLOCK_N": 64, "BLOCK_T": 64, "warps": 4, "stages": 4},
-        {"BLOCK_N": 128, "BLOCK_T": 64, "warps": 4, "stages": 3},
+        {"BLOCK_N": 128, "BLOCK_T": 64, "PROGRAMS_PER_SM": 0, "warps": 8, "stages": 3},
+        {"BLOCK_N": 128, "BLOCK_T": 32, "PROGRAMS_PER_SM": 0, "warps": 4, "stages": 4},
+        {"BLOCK_N": 64, "BLOCK_T": 64, "PROGRAMS_PER_SM": 0, "warps": 4, "stages": 4},
+        {"BLOCK_N": 128, "BLOCK_T": 64, "PROGRAMS_PER_SM": 0, "warps": 4, "stages": 3},
+        {"BLOCK_N": 128, "BLOCK_T": 64, "PROGRAMS_PER_SM": 1, "warps": 8, "stages": 3},
+        {"BLOCK_N": 128, "BLOCK_T": 64, "PROGRAMS_PER_SM": 2, "warps": 4, "stages": 3},
     ],
-    {"BLOCK_N": 16, "BLOCK_T": 16},
+    {"BLOCK_N": 16, "BLOCK_T": 16, "PROGRAMS_PER_SM": 1},  # persistent: the tests run the loop over tiles
 )
 _G_CONFIGS = configs(
     [
@@ -49,7 +55,7 @@ def _tile_pair(pid, num_tiles):
     """(i, j), i <= j, of the pid-th upper-triangular tile, rows of the triangle in order."""
     # row i starts at i * num_tiles - i * (i - 1) / 2; invert with a float estimate, then correct
     nt = num_tiles.to(tl.float32)
-    p = pid.to(tl.float32)
+    p = pid * 1.0  # fp32 (pid is a plain int in the interpreter's loops)
     i = ((2.0 * nt + 1.0 - tl.sqrt((2.0 * nt + 1.0) * (2.0 * nt + 1.0) - 8.0 * p)) / 2.0).to(tl.int32)
     start = i * num_tiles - (i * (i - 1)) // 2
     i = tl.where(pid < start, i - 1, i)
@@ -63,30 +69,40 @@ def _tile_pair(pid, num_tiles):
 @triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY", "T_BUCKET"], restore_value=["z_ptr"],
                  prune_configs_by=tile_prune({"BLOCK_N": "n"}), **AUTOTUNE_EXTRA)
 @triton.jit
-def _z_upper_kernel(x_ptr, order_ptr, count_ptr, z_ptr, n, stride_xt, stride_zn, DTYPE_KEY, T_BUCKET,
-                    IEEE: tl.constexpr, CAST_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+def _z_upper_kernel(x_ptr, order_ptr, count_ptr, count_value, z_ptr, n, stride_xt, stride_zn, DTYPE_KEY, T_BUCKET,
+                    COMPACTED: tl.constexpr, IEEE: tl.constexpr, CAST_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_T: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr):
     num_tiles = tl.cdiv(n, BLOCK_N)
-    ti, tj = _tile_pair(tl.program_id(0), num_tiles)
-    cols_i = ti * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_j = tj * BLOCK_N + tl.arange(0, BLOCK_N)
-    count = tl.load(count_ptr)
-    acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
-    for t0 in range(0, count, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        live = t < count
-        token = tl.load(order_ptr + t, mask=live, other=0).to(tl.int64)
-        a = tl.load(x_ptr + token[:, None] * stride_xt + cols_i[None, :], mask=live[:, None] & (cols_i[None, :] < n), other=0.0)
-        b = tl.load(x_ptr + token[:, None] * stride_xt + cols_j[None, :], mask=live[:, None] & (cols_j[None, :] < n), other=0.0)
-        if CAST_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(tl.trans(a), b, input_precision="ieee")
-        else:
-            acc += tl.dot(tl.trans(a), b)
-    z_ptrs = z_ptr + cols_i[:, None] * stride_zn + cols_j[None, :]
-    inside = (cols_i[:, None] < n) & (cols_j[None, :] < n)
-    tl.store(z_ptrs, tl.load(z_ptrs, mask=inside, other=0.0) + acc, mask=inside)
+    if COMPACTED:  # the counted tokens are the first count_value rows
+        count = count_value
+    else:
+        count = tl.load(count_ptr)
+    for tile in range(tl.program_id(0), num_tiles * (num_tiles + 1) // 2, tl.num_programs(0)):
+        ti, tj = _tile_pair(tile, num_tiles)
+        cols_i = ti * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols_j = tj * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+        for t0 in range(0, count, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            live = t < count
+            if COMPACTED:
+                token = t.to(tl.int64)
+            else:
+                token = tl.load(order_ptr + t, mask=live, other=0).to(tl.int64)
+            a = tl.load(x_ptr + token[:, None] * stride_xt + cols_i[None, :],
+                        mask=live[:, None] & (cols_i[None, :] < n), other=0.0)
+            b = tl.load(x_ptr + token[:, None] * stride_xt + cols_j[None, :],
+                        mask=live[:, None] & (cols_j[None, :] < n), other=0.0)
+            if CAST_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(tl.trans(a), b, input_precision="ieee")
+            else:
+                acc += tl.dot(tl.trans(a), b)
+        z_ptrs = z_ptr + cols_i[:, None] * stride_zn + cols_j[None, :]
+        inside = (cols_i[:, None] < n) & (cols_j[None, :] < n)
+        tl.store(z_ptrs, tl.load(z_ptrs, mask=inside, other=0.0) + acc, mask=inside)
 
 
 @triton.autotune(configs=_G_CONFIGS, key=["m", "n", "DTYPE_KEY", "T_BUCKET"], restore_value=["g_ptr", "y_ptr"],
@@ -130,6 +146,19 @@ def _dtype_key(dtype: torch.dtype) -> int:
     return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    """The device's SMs (2 under the interpreter, so that its persistent programs loop over tiles)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+def _z_grid(meta: dict, n: int, sms: int) -> tuple:
+    """Programs of ``_z_upper_kernel``: one per upper-triangular tile, or PROGRAMS_PER_SM per SM."""
+    tiles = triton.cdiv(n, meta["BLOCK_N"])
+    tiles = tiles * (tiles + 1) // 2
+    return (min(tiles, sms * meta["PROGRAMS_PER_SM"]) if meta["PROGRAMS_PER_SM"] else tiles,)
+
+
 def token_bucket(tokens: int) -> int:
     """The autotune key of a call's token count (the tiles that win change with it): the next power
     of two, within [256, 16384]."""
@@ -151,10 +180,12 @@ def fisher_update(
     gradients: Sequence[torch.Tensor],
     output_factors: Sequence[torch.Tensor],
     sequence_sums: Optional[Sequence[torch.Tensor]] = None,
+    counted: Optional[int] = None,
 ) -> None:
     """Triton version of ``reference.fisher_update``; writes only the upper triangle of Z.
 
     x: [B, L, n] (fp32/fp16/bf16); mask: [B, L]; grads[k]: [B, L, m_k]; accumulators fp32.
+    With ``counted`` Z reads the first ``counted`` rows directly, else through ``counted_order``.
     """
     batch, length, n = x.shape
     tokens = batch * length
@@ -164,11 +195,10 @@ def fisher_update(
     weights = mask.reshape(tokens).to(torch.float32)
     ieee = x.dtype == torch.float32
     key, bucket = _dtype_key(x.dtype), token_bucket(tokens)
-    if input_factor is not None and tokens > 0:
-        order, count = counted_order(mask)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * (triton.cdiv(n, meta["BLOCK_N"]) + 1) // 2,)  # noqa: E731
-        _z_upper_kernel[grid](xs, order, count, input_factor, n, xs.stride(0), input_factor.stride(0), key, bucket,
-                              IEEE=ieee, CAST_F32=INTERPRET)
+    if input_factor is not None and tokens > 0 and counted != 0:
+        order, count = (xs, xs) if counted is not None else counted_order(mask)  # xs: unread stand-ins
+        _z_upper_kernel[functools.partial(_z_grid, n=n, sms=_multiprocessors(x.device))](xs, order, count, counted or 0, input_factor, n, xs.stride(0), input_factor.stride(0),
+                              key, bucket, COMPACTED=counted is not None, IEEE=ieee, CAST_F32=INTERPRET)
     for k, grad in enumerate(grads):
         m = grad.shape[-1]
         gs = grad.reshape(tokens, m)

@@ -14,6 +14,7 @@ def fisher_update(
     gradients: Sequence[torch.Tensor],
     output_factors: Sequence[torch.Tensor],
     sequence_sums: Optional[Sequence[torch.Tensor]] = None,
+    counted: Optional[int] = None,
 ) -> None:
     """Accumulate one input's statistics and those of the modules that read it, in place.
 
@@ -26,12 +27,15 @@ def fisher_update(
       gradients[k] [m_k, n]   += grads[k]^T x               (every token)
       output_factors[k] [m_k] += sum_t mask_t grads[k][t]^2
       sequence_sums[k] [B, m_k] = sum_t mask_t grads[k][b, t] (overwritten; optional)
+    ``counted``: the caller's promise that the mask is 1 on the first ``counted`` of the B * L
+    tokens (in x.reshape(B * L, n) order) and 0 after them, so that Z can read those rows directly.
     """
     batch, length, n = x.shape
     flat_x = x.reshape(batch * length, n)
     flat_mask = mask.reshape(batch * length)
     if input_factor is not None:
-        add_upper_gram(input_factor, flat_x, flat_mask)
+        rows = slice(None) if counted is None else slice(0, counted)
+        add_upper_gram(input_factor, flat_x[rows], flat_mask[rows])
     if not grads:
         return
     dtype = gradients[0].dtype

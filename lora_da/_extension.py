@@ -39,9 +39,12 @@ def fisher_update(
     gradients: Sequence[torch.Tensor],
     output_factors: Sequence[torch.Tensor],
     sequence_sums: Optional[Sequence[torch.Tensor]] = None,
+    counted: Optional[int] = None,
 ) -> None:
-    """CUDA version of ``reference.fisher_update`` (cuBLAS for G, tensor-core triangle kernel for Z;
-    writes only the upper triangle of Z). x: [B, L, n]; mask: [B, L]; grads[k]: [B, L, m_k]."""
+    """CUDA version of ``reference.fisher_update`` (cuBLAS GEMMs for G and for Z's upper-triangular
+    blocks, y in a fixed order; Z is written on and above its diagonal blocks only; with
+    ``counted`` Z's products read the first ``counted`` rows, else the inputs times the mask).
+    x: [B, L, n]; mask: [B, L]; grads[k]: [B, L, m_k]."""
     from .kernels.reference import write_sequence_sums
 
     batch, length, n = x.shape
@@ -53,7 +56,7 @@ def fisher_update(
 
     xs, gs = rows(x), [rows(g) for g in grads]
     flat_mask = mask.reshape(tokens)
-    ops().fisher_update_(xs, flat_mask, gs, input_factor, list(gradients), list(output_factors))
+    ops().fisher_update_(xs, flat_mask, gs, input_factor, list(gradients), list(output_factors), counted)
     if sequence_sums is not None:
         for g, out in zip(gs, sequence_sums):
             write_sequence_sums(g, flat_mask, batch, length, out)

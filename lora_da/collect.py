@@ -38,17 +38,18 @@ class _Event:
 
 class _TokenBuffer:
     """The tokens of one distinct input gathered across micro-batches, so that the statistics op
-    runs on chunks of ``capacity`` tokens: x rows [capacity, n], their counted flags [capacity]
-    and per module its g rows [capacity, m]. Only tokens that count or carry a gradient are
-    kept (padding, whose g is zero, adds nothing to any sum); a micro-batch with at least
-    ``capacity`` of them runs at once."""
+    runs on chunks of ``capacity`` tokens: x rows [capacity, n] and per module its g rows
+    [capacity, m]. Only tokens that count or carry a gradient are kept (padding, whose g is zero,
+    adds nothing to any sum). Counted tokens fill the rows from the front and the others from the
+    back, so that a chunk holds its counted tokens first (compacted once, here) and the op reads
+    them without an index list; a micro-batch with at least ``capacity`` of them runs at once."""
 
     def __init__(self, capacity: int, x: torch.Tensor, run: Callable):
         self.x = x.new_empty((capacity, x.shape[-1]))
         self.mask = torch.empty(capacity, dtype=torch.bool, device=x.device)
         self.grads: Dict[str, torch.Tensor] = {}  # made at a module's first gradient, in its dtype
-        self.used = 0
-        self.run = run  # run(x [1, t, n], mask [1, t], {name: g [1, t, m]}) on the first t rows
+        self.front, self.back = 0, capacity  # counted tokens in [0, front), the others in [back, capacity)
+        self.run = run  # run(x [1, t, n], mask [1, t], {name: g [1, t, m]}, counted) on the first t rows
 
     def add(self, x: torch.Tensor, mask: torch.Tensor, grads: Dict[str, torch.Tensor]) -> None:
         """Append the kept tokens of x [B, L, n], mask [B, L], grads {name: [B, L, m]} (modules
@@ -56,37 +57,52 @@ class _TokenBuffer:
         for name, g in grads.items():
             if name not in self.grads:
                 self.grads[name] = g.new_zeros((len(self.x), g.shape[-1]))
-        keep = mask.clone()
+        carries = torch.zeros_like(mask)
         for g in grads.values():
-            keep |= (g != 0).any(dim=-1)
-        rows = keep.flatten().nonzero().flatten()
-        x, mask = x.reshape(-1, x.shape[-1]), mask.flatten()
+            carries |= (g != 0).any(dim=-1)
+        counted_rows = mask.flatten().nonzero().flatten()
+        other_rows = (carries & ~mask).flatten().nonzero().flatten()
+        x = x.reshape(-1, x.shape[-1])
         grads = {name: g.reshape(-1, g.shape[-1]) for name, g in grads.items()}
-        if len(rows) >= len(self.x):  # a chunk's worth at once: no copy into the buffer
+        if len(counted_rows) + len(other_rows) >= len(self.x):  # a chunk's worth at once: no copy into the buffer
             self.flush()
-            self.run(x[rows][None], mask[rows][None], {name: g[rows][None] for name, g in grads.items()})
+            rows = torch.cat([counted_rows, other_rows])
+            kept_mask = torch.arange(len(rows), device=rows.device) < len(counted_rows)
+            self.run(x[rows][None], kept_mask[None], {name: g[rows][None] for name, g in grads.items()},
+                     len(counted_rows))
             return
-        start = 0
-        while start < len(rows):
-            take = rows[start:start + min(len(self.x) - self.used, len(rows) - start)]
-            span = slice(self.used, self.used + len(take))
-            torch.index_select(x, 0, take, out=self.x[span])
-            torch.index_select(mask, 0, take, out=self.mask[span])
-            for name, buffer in self.grads.items():
-                if name in grads:
-                    torch.index_select(grads[name], 0, take, out=buffer[span])
-                else:
-                    buffer[span].zero_()
-            self.used += len(take)
-            start += len(take)
-            if self.used == len(self.x):
+        while len(counted_rows) or len(other_rows):
+            take, counted_rows = counted_rows[:self.back - self.front], counted_rows[self.back - self.front:]
+            self._copy(x, grads, take, self.front)
+            self.front += len(take)
+            take, other_rows = other_rows[:self.back - self.front], other_rows[self.back - self.front:]
+            self._copy(x, grads, take, self.back - len(take))
+            self.back -= len(take)
+            if self.front == self.back:
                 self.flush()
 
+    def _copy(self, x: torch.Tensor, grads: Dict[str, torch.Tensor], rows: torch.Tensor, start: int) -> None:
+        """Rows ``rows`` of x [T, n] and of each g [T, m] into the buffers from row ``start``."""
+        span = slice(start, start + len(rows))
+        torch.index_select(x, 0, rows, out=self.x[span])
+        for name, buffer in self.grads.items():
+            if name in grads:
+                torch.index_select(grads[name], 0, rows, out=buffer[span])
+            else:
+                buffer[span].zero_()
+
     def flush(self) -> None:
-        """Run the op on the tokens held, if any."""
-        if self.used:
-            used, self.used = self.used, 0
-            self.run(self.x[None, :used], self.mask[None, :used], {name: g[None, :used] for name, g in self.grads.items()})
+        """Run the op on the tokens held, if any: the counted ones, then the others moved up to them."""
+        others = len(self.x) - self.back
+        used = self.front + others
+        if used:
+            if others and self.back > self.front:
+                for buffer in (self.x, *self.grads.values()):
+                    buffer[self.front:used] = buffer[self.back:].clone()
+            self.mask[:used] = torch.arange(used, device=self.mask.device) < self.front
+            counted, self.front, self.back = self.front, 0, len(self.x)
+            self.run(self.x[None, :used], self.mask[None, :used], {name: g[None, :used] for name, g in self.grads.items()},
+                     counted)
 
 
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -326,9 +342,11 @@ class _Collector:
             self.buffers[key] = _TokenBuffer(self.chunk, x, lambda *chunk, key=key: self._update(key, *chunk))
         self.buffers[key].add(x, mask, grads)
 
-    def _update(self, key: str, x: torch.Tensor, mask: torch.Tensor, grads: Dict[str, torch.Tensor]) -> None:
+    def _update(self, key: str, x: torch.Tensor, mask: torch.Tensor, grads: Dict[str, torch.Tensor],
+                counted: Optional[int] = None) -> None:
         """The statistics op on x [B, L, n], mask [B, L] and the output gradients {module: [B, L, m]}
-        of input ``key``'s modules: into Z, G and y, and this batch's per-sequence sums."""
+        of input ``key``'s modules: into Z, G and y, and this batch's per-sequence sums
+        (``counted``: the mask is 1 on the first ``counted`` tokens only, see ``fisher_update``)."""
         names = list(grads)
         dtype = torch.promote_types(torch.float32, x.dtype)
         seq = None
@@ -337,10 +355,10 @@ class _Collector:
         impl = dispatch.resolve("fisher_update", self.cfg.backend, x.device, x.dtype)
         z_sum = self.inputs[key].z_sum
         if z_sum.dtype != dtype and impl.backend != "torch":  # the kernels sum Z in fp32 only
-            dispatch.find("fisher_update", "torch").fn(x, mask, [], z_sum, [], [])
+            dispatch.find("fisher_update", "torch").fn(x, mask, [], z_sum, [], [], counted=counted)
             z_sum = None
         impl.fn(x, mask, list(grads.values()), z_sum, [self.modules[m].g_sum for m in names],
-                [self.modules[m].y_sum for m in names], seq)
+                [self.modules[m].y_sum for m in names], seq, counted=counted)
         if seq is not None:
             for m, s in zip(names, seq):
                 previous = self.batch_seq_sums.get(m)

@@ -30,16 +30,19 @@ def roomy_buffers(monkeypatch):
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """The (tokens, sequences) of every statistics op call."""
+    """The (tokens, sequences) of every statistics op call; each call that says its counted
+    tokens come first (``counted``) must keep that promise."""
     calls = []
     resolve = dispatch.resolve
 
     def spying(op, *args, **kwargs):
         impl = resolve(op, *args, **kwargs)
 
-        def spy(x, mask, *rest):
+        def spy(x, mask, *rest, counted=None):
             calls.append((x.shape[0] * x.shape[1], x.shape[0]))
-            return impl.fn(x, mask, *rest)
+            if counted is not None:
+                assert torch.equal(mask.flatten(), torch.arange(mask.numel()) < counted)
+            return impl.fn(x, mask, *rest, counted=counted)
 
         return dataclasses.replace(impl, fn=spy) if op == "fisher_update" else impl
 

@@ -58,6 +58,9 @@ def test_fisher_op_schema_and_argument_checks_on_meta():
     x, mask, grad = torch.empty(10, 7, **meta), torch.empty(10, **meta), torch.empty(10, 5, **meta)
     ops = _extension.ops()
     ops.fisher_update_(x, mask, [grad], torch.empty(7, 7, **meta), [torch.empty(5, 7, **meta)], [torch.empty(5, **meta)])
+    ops.fisher_update_(x, mask, [grad], torch.empty(7, 7, **meta), [torch.empty(5, 7, **meta)], [torch.empty(5, **meta)], 4)
+    with pytest.raises(RuntimeError, match=r"counted must be in \[0, T\]"):
+        ops.fisher_update_(x, mask, [grad], None, [torch.empty(5, 7, **meta)], [torch.empty(5, **meta)], 11)
     with pytest.raises(RuntimeError, match="G 0 must be contiguous fp32"):
         ops.fisher_update_(x, mask, [grad], None, [torch.empty(4, 7, **meta)], [torch.empty(5, **meta)])
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):

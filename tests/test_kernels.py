@@ -196,3 +196,37 @@ def test_triton_kernels_are_tuned_per_token_bucket():
     assert [fisher_triton.token_bucket(t) for t in (0, 1, 256, 257, 4096, 5000, 10**6)] == [
         256, 256, 256, 512, 4096, 8192, 16384]
     assert "T_BUCKET" in fisher_triton._z_upper_kernel.keys and "T_BUCKET" in fisher_triton._g_kernel.keys
+
+
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="the CUDA extension runs on a GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_backend_is_bitwise_reproducible(dtype):
+    """cuBLAS products and y summed in a fixed order, without atomics: the same bits on every run
+    (several Z block shapes, modules of equal widths batched together)."""
+    b, length, n, ms, kind = (3, 400, 600, [300, 300, 77], "random")
+    x, mask, grads = make_inputs(b, length, n, ms, kind, dtype, seed=7)
+    impl = dispatch.resolve("fisher_update", "cuda", DEVICE, dtype)
+    first, second = (run(impl.fn, x, mask, grads, accumulators(n, ms, 3, False, b)) for _ in range(2))
+    assert torch.equal(first["z"], second["z"])
+    for k in range(len(ms)):
+        assert torch.equal(first["g"][k], second["g"][k]) and torch.equal(first["y"][k], second["y"][k])
+
+
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
+@pytest.mark.parametrize("counted", [0, 1, 61, 90])
+def test_kernel_reads_compacted_tokens(backend, counted):
+    """With ``counted`` (the mask is 1 on the first rows only, as the collector's buffers lay
+    them out) Z reads those rows directly: the same sums as through the mask."""
+    tokens, n, ms = 90, 300, [19, 19, 5]
+    x, _, grads = make_inputs(1, tokens, n, ms, "all", torch.float32, seed=11)
+    mask = (torch.arange(tokens, device=DEVICE) < counted)[None]
+    impl = dispatch.resolve("fisher_update", backend, DEVICE, torch.float32)
+    got = accumulators(n, ms, 5, True, 1)
+    impl.fn(x, mask, grads, got["z"], got["g"], got["y"], got["s"], counted=counted)
+    want = run(reference.fisher_update, x, mask, grads, accumulators(n, ms, 5, True, 1))
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=DEVICE))
+    torch.testing.assert_close(got["z"][upper], want["z"][upper], rtol=1e-5, atol=1e-4)
+    for k in range(len(ms)):
+        torch.testing.assert_close(got["g"][k], want["g"][k], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got["y"][k], want["y"][k], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got["s"][k], want["s"][k], rtol=1e-5, atol=1e-4)
