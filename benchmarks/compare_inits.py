@@ -87,17 +87,19 @@ class SentenceClassifier:
 
     @torch.no_grad()
     def evaluate(self, model, batches) -> tuple:
-        """(mean cross-entropy, accuracy) over ``batches``."""
+        """(mean cross-entropy, accuracy) over ``batches``: their ``scores`` summed, in eval mode."""
         was_training = model.training
         model.eval()
-        total_loss, correct, count = 0.0, 0, 0
-        for batch in batches:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-            total_loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-            correct += int((logits.argmax(dim=1) == batch["labels"]).sum())
-            count += len(batch["labels"])
+        total_loss, correct, count = (sum(column) for column in zip(*(self.scores(model, b) for b in batches)))
         model.train(was_training)
         return total_loss / count, correct / count
+
+    @staticmethod
+    def scores(model, batch) -> tuple:
+        """(summed cross-entropy, correct predictions, predictions) of one batch."""
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        loss = float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+        return loss, int((logits.argmax(dim=1) == batch["labels"]).sum()), len(batch["labels"])
 
 
 class Task:

@@ -63,12 +63,12 @@ SETTINGS = {  # LoRA-DA start -> its config overrides
 STARTS = BASELINES + tuple(SETTINGS)
 
 
-class ReviewText:
+class ReviewText(compare_inits.SentenceClassifier):
     """Causal-LM batches of review text (loss on every token) and their evaluation."""
 
     def __init__(self, tokenizer, max_tokens: int = 48):
-        self.tokenizer, self.max_tokens = tokenizer, max_tokens
-        if tokenizer.pad_token_id is None:
+        super().__init__(tokenizer, max_tokens)
+        if tokenizer is not None and tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
     def batch(self, examples) -> dict:
@@ -76,30 +76,16 @@ class ReviewText:
         encoded = self.tokenizer([text for text, _ in examples], padding=True, truncation=True,
                                  max_length=self.max_tokens, return_tensors="pt")
         labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-        return {**encoded, "labels": labels}
-
-    def batches(self, examples, batch_size: int) -> list:
-        return [self.batch(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
 
     @staticmethod
-    def model_inputs(batch: dict) -> dict:
-        return batch
-
-    @torch.no_grad()
-    def evaluate(self, model, batches) -> tuple:
-        """(mean cross-entropy per predicted token, top-1 next-token accuracy) over ``batches``."""
-        was_training = model.training
-        model.eval()
-        total_loss, correct, count = 0.0, 0, 0
-        for batch in batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            kept = labels != -100
-            total_loss += float(torch.nn.functional.cross_entropy(logits[kept], labels[kept], reduction="sum"))
-            correct += int((logits[kept].argmax(dim=-1) == labels[kept]).sum())
-            count += int(kept.sum())
-        model.train(was_training)
-        return total_loss / count, correct / count
+    def scores(model, batch) -> tuple:
+        """(summed cross-entropy, correct top-1 next-token predictions, predicted tokens) of one batch."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        kept = labels != -100
+        loss = float(torch.nn.functional.cross_entropy(logits[kept], labels[kept], reduction="sum"))
+        return loss, int((logits[kept].argmax(dim=-1) == labels[kept]).sum()), int(kept.sum())
 
 
 def load_review_text(seed: int):

@@ -66,6 +66,18 @@ def _tile_pair(pid, num_tiles):
     return i, i + (pid - start)
 
 
+@triton.jit
+def _add_product(acc, a, b, IEEE: tl.constexpr, CAST_F32: tl.constexpr):
+    """acc + a^T b for tiles a [T, I], b [T, J], accumulated in fp32 (IEEE products for fp32
+    inputs; tiles cast to fp32 first under the interpreter)."""
+    if CAST_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return acc + tl.dot(tl.trans(a), b, input_precision="ieee")
+    return acc + tl.dot(tl.trans(a), b)
+
+
 @triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY", "T_BUCKET"], restore_value=["z_ptr"],
                  prune_configs_by=tile_prune({"BLOCK_N": "n"}), **AUTOTUNE_EXTRA)
 @triton.jit
@@ -93,13 +105,7 @@ def _z_upper_kernel(x_ptr, order_ptr, count_ptr, count_value, z_ptr, n, stride_x
                         mask=live[:, None] & (cols_i[None, :] < n), other=0.0)
             b = tl.load(x_ptr + token[:, None] * stride_xt + cols_j[None, :],
                         mask=live[:, None] & (cols_j[None, :] < n), other=0.0)
-            if CAST_F32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(tl.trans(a), b, input_precision="ieee")
-            else:
-                acc += tl.dot(tl.trans(a), b)
+            acc = _add_product(acc, a, b, IEEE, CAST_F32)
         z_ptrs = z_ptr + cols_i[:, None] * stride_zn + cols_j[None, :]
         inside = (cols_i[:, None] < n) & (cols_j[None, :] < n)
         tl.store(z_ptrs, tl.load(z_ptrs, mask=inside, other=0.0) + acc, mask=inside)
@@ -122,13 +128,7 @@ def _g_kernel(x_ptr, grad_ptr, mask_ptr, g_ptr, y_ptr, tokens, m, n, stride_xt, 
         live = t < tokens
         g = tl.load(grad_ptr + t[:, None].to(tl.int64) * stride_gt + rows[None, :], mask=live[:, None] & (rows[None, :] < m), other=0.0)
         x = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_xt + cols[None, :], mask=live[:, None] & (cols[None, :] < n), other=0.0)
-        if CAST_F32:
-            g = g.to(tl.float32)
-            x = x.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(tl.trans(g), x, input_precision="ieee")
-        else:
-            acc += tl.dot(tl.trans(g), x)
+        acc = _add_product(acc, g, x, IEEE, CAST_F32)
         if pid_n == 0:
             weight = tl.load(mask_ptr + t, mask=live, other=0.0)
             g32 = g.to(tl.float32)

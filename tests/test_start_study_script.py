@@ -49,7 +49,7 @@ def test_review_text_evaluates_the_mean_token_loss():
     batches = random_batches([3, 2], seed=8)
     for batch in batches:
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    loss, accuracy = start_study.ReviewText.evaluate(None, model, batches)
+    loss, accuracy = start_study.ReviewText(tokenizer=None).evaluate(model, batches)
     with torch.no_grad():
         total = sum(float(model(**b).loss) * int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     assert loss == pytest.approx(total / sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), rel=1e-6)
