@@ -78,7 +78,7 @@ def _add_product(acc, a, b, IEEE: tl.constexpr, CAST_F32: tl.constexpr):
     return acc + tl.dot(tl.trans(a), b)
 
 
-@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY", "T_BUCKET"], restore_value=["z_ptr"],
+@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY", "T_BUCKET", "COMPACTED"], restore_value=["z_ptr"],
                  prune_configs_by=tile_prune({"BLOCK_N": "n"}), **AUTOTUNE_EXTRA)
 @triton.jit
 def _z_upper_kernel(x_ptr, order_ptr, count_ptr, count_value, z_ptr, n, stride_xt, stride_zn, DTYPE_KEY, T_BUCKET,
