@@ -25,7 +25,7 @@ per module (Z from the calibration data; 1 for a random direction), as its media
 Outputs under $OUT (default ./outputs)/start_study (start_study_quick for --quick): runs.json (loss curves, per-module energies),
 runs.csv, table.md (per task and start: mean +- std over seeds of e(A) and of the held-out loss
 and accuracy at step 0 and at the last step, and the rank correlation of e(A) with the last
-loss), loss_<task>.png (held-out loss curves, means over seeds).
+loss over the starts' means and over all runs), loss_<task>.png (held-out loss curves, means over seeds).
 """
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ def rank_correlation(xs, ys) -> float:
 
 def summarise(records, out: Path) -> str:
     """table.md: per task and start, mean +- std over seeds; per task, Spearman's rho of the
-    median e(A) with the last held-out loss over all runs."""
+    median e(A) with the last held-out loss, over the starts' means and over all runs."""
     def spread(values, digits=4):
         if len(values) > 1:
             return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
@@ -191,10 +191,14 @@ def summarise(records, out: Path) -> str:
                              f"{spread([r['evaluations']['0'][0] for r in runs])} | "
                              f"{spread([r['evaluations'][str(steps)][0] for r in runs])} | "
                              f"{spread([r['evaluations'][str(steps)][1] for r in runs])} |")
+        means = [(statistics.mean(r["input_energy"] for r in runs),
+                  statistics.mean(r["evaluations"][str(steps)][0] for r in runs)) for runs in runs_of.values() if runs]
         runs = [r for r in records if r["task"] == task]
-        if len(runs) > 2:
-            rho = rank_correlation([r["input_energy"] for r in runs], [r["evaluations"][str(steps)][0] for r in runs])
-            lines += ["", f"Spearman's rho of e(A) with the last held-out loss over its {len(runs)} runs: {rho:+.2f}"]
+        if len(means) > 2:
+            by_start = rank_correlation(*zip(*means))
+            by_run = rank_correlation([r["input_energy"] for r in runs], [r["evaluations"][str(steps)][0] for r in runs])
+            lines += ["", f"Spearman's rho of e(A) with the last held-out loss: {by_start:+.2f} over the {len(means)} "
+                          f"starts' means, {by_run:+.2f} over all {len(runs)} runs"]
         lines.append("")
     table = "\n".join(lines)
     (out / "table.md").write_text(table)
@@ -212,16 +216,18 @@ def plot(records, out: Path) -> None:
         if not any(r["task"] == task.name for r in records):
             continue
         fig, ax = plt.subplots(figsize=(8, 5))
+        seeds = set()
         for start in STARTS:
             runs = [r for r in records if r["task"] == task.name and r["init"] == start]
             if not runs:
                 continue
+            seeds.add(len(runs))
             steps = sorted(int(k) for k in runs[0]["evaluations"])
             held = [statistics.mean(r["evaluations"][str(k)][0] for r in runs) for k in steps]
             style = {"linestyle": "-" if start in SETTINGS else "--", "linewidth": 2.2 if start == "lora_da" else 1.2}
             ax.plot(steps, held, marker="o", markersize=3, label=start, **style)
         ax.set(xlabel="step", ylabel="held-out loss", yscale="log",
-               title=f"{task.title}, r = {RANK} (means over {len(runs)} seed(s))")
+               title=f"{task.title}, r = {RANK} (means over {'-'.join(map(str, sorted(seeds)))} seed(s))")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(out / f"loss_{key}.png", dpi=110)
