@@ -197,7 +197,8 @@ def fisher_update(
     key, bucket = _dtype_key(x.dtype), token_bucket(tokens)
     if input_factor is not None and tokens > 0 and counted != 0:
         order, count = (xs, xs) if counted is not None else counted_order(mask)  # xs: unread stand-ins
-        _z_upper_kernel[functools.partial(_z_grid, n=n, sms=_multiprocessors(x.device))](xs, order, count, counted or 0, input_factor, n, xs.stride(0), input_factor.stride(0),
+        grid = functools.partial(_z_grid, n=n, sms=_multiprocessors(x.device))
+        _z_upper_kernel[grid](xs, order, count, counted or 0, input_factor, n, xs.stride(0), input_factor.stride(0),
                               key, bucket, COMPACTED=counted is not None, IEEE=ieee, CAST_F32=INTERPRET)
     for k, grad in enumerate(grads):
         m = grad.shape[-1]
