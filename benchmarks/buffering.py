@@ -35,7 +35,7 @@ class CallCounter:
     """Counts the statistics op's calls and the token rows they read, through ``dispatch.resolve``."""
 
     def __init__(self):
-        self.calls = self.rows = self.largest = 0
+        self.calls = self.rows = self.largest = self.compacted = 0  # compacted: calls with counted tokens first
         self.resolve = dispatch.resolve
 
     def __enter__(self):
@@ -44,13 +44,14 @@ class CallCounter:
             if op != "fisher_update":
                 return impl
 
-            def counted(x, *rest):
+            def counting_call(x, *rest, counted=None):
                 self.calls += 1
                 self.rows += x.shape[0] * x.shape[1]
                 self.largest = max(self.largest, x.shape[0] * x.shape[1])
-                return impl.fn(x, *rest)
+                self.compacted += counted is not None
+                return impl.fn(x, *rest, counted=counted)
 
-            return dataclasses.replace(impl, fn=counted)
+            return dataclasses.replace(impl, fn=counting_call)
 
         dispatch.resolve = counting
         return self
@@ -88,6 +89,7 @@ def main(argv=None):
                                                    progress=False)
                 records[size]["seconds"].append(time.perf_counter() - start)
             records[size].update(calls=counter.calls, rows=counter.rows, largest_call=counter.largest,
+                                 compacted_calls=counter.compacted,
                                  tokens=stats.num_tokens)
             reference = reference or stats
             records[size]["largest relative difference"] = largest_difference(stats, reference)
@@ -97,7 +99,7 @@ def main(argv=None):
         print(f"buffer_tokens {size:>6}: collection {', '.join(f'{s:.2f}' for s in record['seconds'])} s "
               f"(median {median:.2f}, {median / statistics.median(records[first]['seconds']):.3f}x of "
               f"buffer_tokens {first}); {record['calls']} op calls over {record['rows']} rows, at most "
-              f"{record['largest_call']} per call "
+              f"{record['largest_call']} per call, {record['compacted_calls']} compacted "
               f"({record['tokens']} counted tokens); sums differ by {record['largest relative difference']:.1e}")
     out = Path(os.environ.get("OUT", ROOT / "outputs"))
     out.mkdir(parents=True, exist_ok=True)

@@ -226,8 +226,8 @@ def plot(records, out: Path) -> None:
             held = [statistics.mean(r["evaluations"][str(k)][0] for r in runs) for k in steps]
             style = {"linestyle": "-" if start in SETTINGS else "--", "linewidth": 2.2 if start == "lora_da" else 1.2}
             ax.plot(steps, held, marker="o", markersize=3, label=start, **style)
-        ax.set(xlabel="step", ylabel="held-out loss", yscale="log",
-               title=f"{task.title}, r = {RANK} (means over {'-'.join(map(str, sorted(seeds)))} seed(s))")
+        ax.set(xlabel="step", ylabel="held-out loss", yscale="log")
+        ax.set_title(f"{task.title}, r = {RANK} (means over {'-'.join(map(str, sorted(seeds)))} seed(s))", fontsize=10)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(out / f"loss_{key}.png", dpi=110)
