@@ -120,6 +120,9 @@ def input_energies(model, stats) -> dict:
 def run_task(key: str, seed: int, preset: dict, starts, reviews, done, record) -> None:
     """Every start of ``starts`` not in ``done`` on task ``key`` and ``seed``; ``record`` gets each run."""
     task = STUDY_TASKS[key]
+    starts = [name for name in starts if (task.name, name, seed) not in done]
+    if not starts:
+        return
     base = task.base(seed)
     calibration, train, held_out = split(reviews, [preset["calibration"], 8 * preset["steps"], preset["eval"]], seed=seed)
     calibration_batches = task.encoder.batches(calibration, 8)
@@ -131,8 +134,6 @@ def run_task(key: str, seed: int, preset: dict, starts, reviews, done, record) -
         stats = lora_da.collect_statistics(probe, inputs, population_size=len(train), progress=False)
     collect_seconds = time.perf_counter() - start
     for name in starts:
-        if (task.name, name, seed) in done:
-            continue
         torch.manual_seed(seed)
         start = time.perf_counter()
         if name in SETTINGS:
