@@ -2,7 +2,7 @@
 input energy of every start beside its held-out loss.
 
     python benchmarks/start_study.py --tasks minilm smollm2 smollm2_lm --seeds 0 1 2   # hours on a CPU
-    python benchmarks/start_study.py --quick             # MiniLM, seed 0, 10 steps: a smoke run
+    python benchmarks/start_study.py --quick --tasks minilm   # seed 0, 10 steps, few examples: a smoke run
     python benchmarks/start_study.py --report-only       # table and plots of $OUT/start_study/runs.json
     python benchmarks/start_study.py --report-only --merge a/runs.json b/runs.json   # of split runs, merged
 
@@ -22,10 +22,11 @@ output) at lambda 1e-2, 1e-1 and 1 with gamma 1024, and lambda 1e-1 with gamma 1
 Every run records the input energy of its lora_A, e(A) = tr(A Z A^T) / tr(A A^T) / (tr Z / n)
 per module (Z from the calibration data; 1 for a random direction), as its median over modules.
 
-Outputs under $OUT (default ./outputs)/start_study (start_study_quick for --quick): runs.json (loss curves, per-module energies),
-runs.csv, table.md (per task and start: mean +- std over seeds of e(A) and of the held-out loss
-and accuracy at step 0 and at the last step, and the rank correlation of e(A) with the last
-loss over the starts' means and over all runs), loss_<task>.png (held-out loss curves, means over seeds).
+Outputs under $OUT (default ./outputs)/start_study (start_study_quick for --quick): runs.json
+(loss curves, per-module energies), runs.csv, table.md (per task and start: mean +- std over
+seeds of e(A) and of the held-out loss and accuracy at step 0 and at the last step, and the rank
+correlation of e(A) with the last loss over the starts' means and over all runs) and
+loss_<task>.png (held-out loss curves, means over seeds).
 """
 from __future__ import annotations
 
@@ -250,7 +251,7 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", choices=list(STUDY_TASKS), default=list(STUDY_TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", help="default: the preset's (0, 1, 2; 0 for --quick)")
     parser.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS))
-    parser.add_argument("--quick", action="store_true", help="MiniLM-sized smoke run: seed 0, 10 steps, few examples")
+    parser.add_argument("--quick", action="store_true", help="smoke run of each task: seed 0, 10 steps, few examples")
     parser.add_argument("--report-only", action="store_true",
                         help="no runs: table, CSV and plots of runs.json (runs already there are never redone)")
     parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="RUNS_JSON",
