@@ -1,4 +1,4 @@
-// Kernels of the statistics op (see kernels/reference.py for the contract). Kernel-only
+// Kernels of the statistics op (see lora_da/kernels/reference.py for the contract). Kernel-only
 // translation unit: no torch headers, so it compiles in seconds. The products themselves are
 // cuBLAS GEMMs (csrc/ops.cpp); these kernels lay out their batches and sum y.
 //

@@ -204,9 +204,13 @@ def check_numbers(args) -> None:
 
 def run_init(args) -> None:
     import torch
-    from peft import LoraConfig, get_peft_model
 
     import lora_da
+
+    from .quiet import dependency_noise_filtered
+
+    with dependency_noise_filtered():
+        from peft import LoraConfig, get_peft_model
 
     check_numbers(args)
     model_dir = Path(args.model)
@@ -228,9 +232,10 @@ def run_init(args) -> None:
     model, tokenizer = load_model(model_dir, Path(args.tokenizer or args.model), args.dtype, args.device,
                                   args.load_in_4bit)
     batches = calibration_batches(examples[: args.samples], tokenizer, args)
-    peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
-                                                  target_modules=_target_modules(args), lora_dropout=0.0,
-                                                  task_type="CAUSAL_LM"))
+    with dependency_noise_filtered():
+        peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
+                                                      target_modules=_target_modules(args), lora_dropout=0.0,
+                                                      task_type="CAUSAL_LM"))
     statistics = None
     if args.save_statistics:  # collect here (adapters off, as initialize does) to keep the statistics
         with peft_model.disable_adapter():
@@ -241,7 +246,7 @@ def run_init(args) -> None:
     report = lora_da.initialize(peft_model, batches, cfg, statistics=statistics, max_memory=max_memory,
                                 progress=not args.quiet)
     print(report)
-    peft_model.save_pretrained(args.output)
+    peft_model.save_pretrained(args.output, save_embedding_layers=False)  # LoRA-DA never changes the vocabulary
     print(f"adapter written to {args.output} (load it with PeftModel.from_pretrained)")
 
 

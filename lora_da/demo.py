@@ -17,6 +17,7 @@ import torch
 import lora_da
 
 from .embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, split
+from .quiet import dependency_noise_filtered
 
 INITS = ("lora_da", "peft_default")
 
@@ -58,7 +59,8 @@ def fine_tune(model, batches, lr: float, verbalizer: Verbalizer, log_every: int 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from peft import LoraConfig, get_peft_model
+    with dependency_noise_filtered():
+        from peft import LoraConfig, get_peft_model
 
     started = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -79,7 +81,8 @@ def main(argv=None) -> dict:
     for init in INITS:
         print(f"\n== {init} ==", flush=True)
         torch.manual_seed(args.seed)
-        model = get_peft_model(copy.deepcopy(base), lora_config)
+        with dependency_noise_filtered():
+            model = get_peft_model(copy.deepcopy(base), lora_config)
         if init == "lora_da":
             report = lora_da.initialize(model, calibration_batches, population_size=len(train))
             print(report)
@@ -89,7 +92,7 @@ def main(argv=None) -> dict:
         results[f"{init}/curve"] = fine_tune(model, train_batches, args.lr, verbalizer)
         results[f"{init}/final"] = verbalizer.evaluate(model, eval_batches)
         if init == "lora_da":
-            model.save_pretrained(args.output)
+            model.save_pretrained(args.output, save_embedding_layers=False)  # LoRA-DA never changes the vocabulary
             print(f"  adapter saved to {args.output}")
     print(f"\n{'held-out (' + str(args.eval) + ' reviews)':<28}{'label loss':>12}{'accuracy':>10}")
     rows = [("zero-shot", "zero_shot")] + [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*ROOT.glob("lora_da/*.py"), *ROOT.glob("kernels/*.py")])
+SOURCES = sorted([*ROOT.glob("lora_da/*.py"), *ROOT.glob("lora_da/kernels/*.py")])
 # Triton's own switch: Triton reads it when the kernels are defined, so their configs must too
 IMPORT_TIME_VARIABLES = {"TRITON_INTERPRET"}
 # a figure with a unit of time or a share, as measurements are written (they belong in RESULTS.md)
