@@ -257,12 +257,16 @@ class _Collector:
         self.token_tensors: Dict[str, torch.Tensor] = {}  # input key -> counted tokens (on device)
         self.seq_sums: Dict[str, List[torch.Tensor]] = {name: [] for name in targets}
         self.current_batch_size = 0
+        self.forwards_without_grad: set = set()  # modules that ran with gradients disabled
 
     def hook(self, name: str):
         def forward_hook(module, args, output):
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
                 raise TypeError(f"module {name!r}: expected a tensor input and output")
+            if not torch.is_grad_enabled():  # no gradient can reach this use (reentrant checkpointing's first pass)
+                self.forwards_without_grad.add(name)
+                return
             if not output.requires_grad:
                 output.requires_grad_(True)  # a leaf: frozen weights and no upstream graph
             event = next((e for e in self.events if e.x is x), None)
@@ -311,12 +315,14 @@ class _Collector:
     def _modules_of(self, key: str) -> List[str]:
         return [m for m, k in self.input_of.items() if k == key]
 
+    @torch.no_grad()
     def _flush(self, event: _Event) -> None:
         if event in self.events:
             self.events.remove(event)
         modules = list(dict.fromkeys(event.modules))
         key = self._input_key(modules)
-        x = event.x.reshape(*event.mask.shape, event.x.shape[-1]) if event.x.dim() == 2 else event.x
+        x = event.x.detach()
+        x = x.reshape(*event.mask.shape, x.shape[-1]) if x.dim() == 2 else x
         if x.dim() != 3:
             x = x.reshape(-1, 1, x.shape[-1])
         mask = event.mask.reshape(x.shape[:2])
@@ -371,9 +377,13 @@ class _Collector:
         self.current_batch_size = batch_size_
 
     def finish_batch(self) -> None:
-        """Flush events whose modules did not all receive a gradient (their G gets nothing)."""
+        """Flush events whose modules did not all receive a gradient (their G gets nothing). Events
+        that received none are dropped: a forward that no gradient reached, such as activation
+        checkpointing's recomputation during backward (non-reentrant), repeats one that did."""
         for event in list(self.events):
-            self._flush(event)
+            if event.grads:
+                self._flush(event)
+        self.events.clear()
         for name in self.seq_sums:
             sums = self.batch_seq_sums.get(name)
             if sums is None and name in self.modules:
@@ -382,10 +392,19 @@ class _Collector:
             if sums is not None:
                 self.seq_sums[name].append(sums)
 
+    def no_grad_hint(self, modules: Iterable[str]) -> str:
+        """Why ``modules`` may have missed their gradients, when some of them ran with gradients disabled."""
+        if not self.forwards_without_grad.intersection(modules):
+            return ""
+        return ("; they ran with gradients disabled (torch.no_grad, or reentrant activation checkpointing, "
+                "torch.utils.checkpoint(use_reentrant=True), whose inputs do not require grad): use "
+                "use_reentrant=False, call model.enable_input_require_grads(), or disable checkpointing for collection")
+
     def statistics(self, num_sequences: int, population_size: int) -> Statistics:
         missing = [name for name in self.targets if name not in self.modules]
         if missing:
-            raise RuntimeError(f"targeted modules never received an output gradient during collection: {missing}")
+            raise RuntimeError(f"targeted modules never received an output gradient during collection: {missing}"
+                               + self.no_grad_hint(missing))
         for buffer in self.buffers.values():
             buffer.flush()
         for key, entry in self.inputs.items():
@@ -445,11 +464,6 @@ def collect_statistics(
     cfg = resolve_config(cfg, overrides)
     dispatch.requested_backend(cfg.backend)  # fail early on a bad LORA_DA_BACKEND
     targets = find_targets(model, cfg.target_modules)
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
-        raise ValueError(
-            "gradient checkpointing re-runs forward hooks during backward and would count tokens twice; "
-            "disable it for collection (model.activation_checkpointing_disable()) and enable it again after"
-        )
     device = _model_device(model)
     memory = plan_memory(model, cfg, max_memory, targets)
     if memory.passes > 1 and iter(loader) is loader:
@@ -666,7 +680,8 @@ def _collect_batch(model: nn.Module, batch, index: int, size: int, device: torch
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss ({loss.item()}) at batch {index}")
     if not loss.requires_grad:
-        raise RuntimeError(f"the loss at batch {index} does not depend on any targeted module")
+        raise RuntimeError(f"the loss at batch {index} does not depend on any targeted module"
+                           + collector.no_grad_hint(collector.targets))
     loss.backward()
     collector.finish_batch()
 

@@ -130,13 +130,6 @@ def test_dora_is_refused():
     check(peft_model, lambda: lora_da.initialize(peft_model, random_batches([2]), progress=False), ValueError, "DoRA")
 
 
-def test_gradient_checkpointing_is_refused(model):
-    # activation_checkpointing_enable in newer transformers, gradient_checkpointing_enable before
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
-    check(model, lambda: collect(model, random_batches([2])), ValueError, "gradient checkpointing")
-
-
 def test_successful_collection_leaves_the_model_as_it_was(model):
     before = model_state(model)
     collect(model, random_batches([2, 3]))

@@ -84,7 +84,7 @@ def test_factors_equal_the_dequantised_twin(model_dir, kind):
 def test_qlora_recipe_writes_the_twins_factors(model_dir, kind):
     """prepare_model_for_kbit_training, get_peft_model, then initialize: the adapter holds the factors
     that the fp32 twin gets, in the adapter's dtype."""
-    model = prepare_model_for_kbit_training(quantized(model_dir, kind), use_gradient_checkpointing=False)
+    model = prepare_model_for_kbit_training(quantized(model_dir, kind))  # its defaults: checkpointing on
     fp32 = twin(model_dir, model)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
     peft_model = get_peft_model(model, lora)
