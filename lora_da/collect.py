@@ -429,9 +429,14 @@ def mirror_upper(z: torch.Tensor) -> torch.Tensor:
     return torch.triu(z) + torch.triu(z, diagonal=1).T
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    """Where batches go: the first parameter's device, skipping weights offloaded to the meta
-    device (accelerate's hooks move each module's inputs to its execution device)."""
+def execution_device(model: nn.Module) -> torch.device:
+    """Where batches go and the solve runs: the execution device of accelerate's first hook (a model
+    dispatched with a device map, whose offloaded weights sit on the meta device), else the first
+    parameter's device that is not meta, else the CPU."""
+    for module in model.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
     param = next((p for p in model.parameters() if p.device.type != "meta"), None)
     return param.device if param is not None else torch.device("cpu")
 
@@ -464,7 +469,7 @@ def collect_statistics(
     cfg = resolve_config(cfg, overrides)
     dispatch.requested_backend(cfg.backend)  # fail early on a bad LORA_DA_BACKEND
     targets = find_targets(model, cfg.target_modules)
-    device = _model_device(model)
+    device = execution_device(model)
     memory = plan_memory(model, cfg, max_memory, targets)
     if memory.passes > 1 and iter(loader) is loader:
         raise ValueError(f"max_memory needs {memory.passes} passes over the calibration data: "
@@ -531,7 +536,7 @@ def plan_memory(model: nn.Module, cfg: Optional[LoraDAConfig] = None, max_memory
     x_dtype = param.dtype if param is not None else torch.float32
     element = torch.promote_types(torch.float32, x_dtype)
     z_element = torch.promote_types(getattr(torch, cfg.input_factor_dtype), element)
-    budget = memory_budget(max_memory, _model_device(model))
+    budget = memory_budget(max_memory, execution_device(model))
     groups = plan_groups(targets, element.itemsize, z_element.itemsize, budget)
     chunks, accumulators, buffers = [], [], []
     for group in groups:

@@ -10,7 +10,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from .collect import collect_statistics
+from .collect import collect_statistics, execution_device
 from .config import LoraDAConfig, resolve_config
 from .solve import LoraFactors, check_ranks, solve
 from .statistics import Statistics
@@ -163,7 +163,7 @@ def initialize(
         statistics.check_matches(shapes)
     elif loader is None:
         raise ValueError("initialize needs a calibration loader or statistics=")
-    device = next(peft_model.parameters()).device
+    device = execution_device(peft_model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = {}
