@@ -5,9 +5,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -106,14 +107,38 @@ class _TokenBuffer:
 
 
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
-    """B * model(**batch).loss: the sum over sequences of each one's mean token loss at B = 1."""
+    """The sum over the batch's sequences of each one's mean token loss.
+
+    Hugging Face models return the mean over every label token of the batch, which weighs a
+    sequence by its number of labels. Where sequences carry different numbers of labels [B, L],
+    the per-token cross-entropy is taken from the logits [B, L, V], aligned as the model's own loss
+    is (shifted by one for language models, as is for token classifiers: the alignment whose mean
+    equals ``model(**batch).loss``), in fp32 or the logits' wider dtype. Otherwise (the same number
+    of labels in every sequence, one label per sequence) B * loss is that sum."""
     if not isinstance(batch, Mapping) or "labels" not in batch:
         raise ValueError("batch has no 'labels': pass loss_fn=... or add labels to every batch")
     output = model(**batch)
     loss = output["loss"] if isinstance(output, Mapping) else getattr(output, "loss", None)
     if loss is None:
         raise ValueError(f"{type(model).__name__} returned no loss for a batch with labels: pass loss_fn=...")
-    return loss * batch_size(batch)
+    labels = batch["labels"]
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return loss * batch_size(batch)
+    labelled = labels != -100
+    if all(bool((row_counts == row_counts[0]).all()) for row_counts in (labelled.sum(1), labelled[:, 1:].sum(1))):
+        return loss * batch_size(batch)  # every sequence weighs the same, whatever the alignment
+    logits = output["logits"] if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor) and logits.shape[:2] == labels.shape:
+        for shift in (1, 0):
+            scores = logits[:, : logits.shape[1] - shift]
+            scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+            token_losses = nn.functional.cross_entropy(scores.transpose(1, 2), labels[:, shift:], reduction="none")
+            counts = labelled[:, shift:].sum(dim=1)
+            if torch.allclose(token_losses.sum() / counts.sum(), loss.to(token_losses.dtype), rtol=1e-4, atol=1e-6):
+                return (token_losses.sum(dim=1) / counts.clamp(min=1)).sum()
+    raise ValueError(f"sequences carry different numbers of labels and {type(model).__name__}'s loss is not the "
+                     "mean cross-entropy of its logits, shifted or not: pass loss_fn=... returning the sum over "
+                     "sequences of each one's mean token loss")
 
 
 def batch_size(batch) -> int:
@@ -482,6 +507,9 @@ def collect_statistics(
                                  loss_fn or default_loss, device, label, progress, chunk)
         parts.append(part.to("cpu") if memory.passes > 1 else part)
     stats = Statistics.combine(parts) if len(parts) > 1 else parts[0]
+    if cfg.population_size is None and distributed.is_main_process():
+        source = _population_size(cfg, loader, stats.num_sequences)[1]
+        warnings.warn(f"lora_da: {population_size_warning(stats.population_size, source)}", UserWarning, stacklevel=2)
     stats.passes = memory.passes
     stats.config = config_record(cfg)
     return stats
@@ -670,7 +698,7 @@ def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets
     bad = stats.non_finite()
     if bad:
         raise FloatingPointError(f"non-finite statistics (NaN/Inf activations or gradients with a finite loss) in modules {bad}")
-    stats.population_size = _population_size(cfg, loader, stats.num_sequences)
+    stats.population_size = _population_size(cfg, loader, stats.num_sequences)[0]
     return stats
 
 
@@ -699,13 +727,18 @@ def config_record(cfg: LoraDAConfig) -> Dict[str, object]:
     return record
 
 
-def _population_size(cfg: LoraDAConfig, loader, num_sequences: int) -> int:
+def _population_size(cfg: LoraDAConfig, loader, num_sequences: int) -> Tuple[int, str]:
+    """(N, where it comes from): the config's, else the calibration data's size."""
     if cfg.population_size is not None:
-        return cfg.population_size
+        return cfg.population_size, "population_size"
     dataset = getattr(loader, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
-        size, source = len(dataset), "len(loader.dataset)"
-    else:
-        size, source = num_sequences, "the number of calibration sequences"
-    logger.info("lora_da: population_size N = %d (%s); set population_size to the fine-tuning set size", size, source)
-    return size
+        return len(dataset), "len(loader.dataset), the calibration set"
+    return num_sequences, "the number of calibration sequences"
+
+
+def population_size_warning(size: int, source: str) -> str:
+    """What a user who did not set N reads: the value used and the fix."""
+    return (f"population_size is not set, so N = {size} ({source}); N is the size of the fine-tuning set and "
+            f"scales the variance term c = beta * sum(d) / (N sigma^2): pass population_size=len(train_set) "
+            f"(lora-da init --population-size)")

@@ -4,13 +4,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
 
-from .collect import collect_statistics, execution_device
+from .collect import collect_statistics, execution_device, population_size_warning
 from .config import LoraDAConfig, resolve_config
 from .solve import LoraFactors, check_ranks, solve
 from .statistics import Statistics
@@ -33,6 +33,7 @@ class InitReport:
     peak_memory_bytes: Optional[int]  # accelerator peak during initialize; None on CPU
     solver: Dict[str, dict]  # per module shape: what ``solve``'s Factors.report holds
     passes: int = 1  # passes over the calibration data (more than one under a memory budget)
+    warnings: List[str] = field(default_factory=list)  # what the user should act on, printed first
 
     @property
     def modules(self) -> List[str]:
@@ -40,7 +41,7 @@ class InitReport:
 
     def __str__(self) -> str:
         ranks = sorted(set(self.ranks.values()))
-        lines = [
+        lines = [f"WARNING: {text}" for text in self.warnings] + [
             f"LoRA-DA initialisation of adapter {self.adapter_name!r}",
             f"  modules     {len(self.ranks)} (rank {', '.join(map(str, ranks))})",
             f"  sequences   {self.num_sequences}   counted tokens {self.num_tokens}   population N {self.population_size}",
@@ -184,6 +185,9 @@ def initialize(
     apply_factors(layers, factors, adapter_name)
     seconds["apply"] = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    notes = []
+    if cfg.population_size is None and stats.population_size_assumed:
+        notes.append(population_size_warning(stats.population_size, "the calibration data's size"))
     return InitReport(
         adapter_name=adapter_name,
         ranks=ranks,
@@ -195,4 +199,5 @@ def initialize(
         peak_memory_bytes=peak,
         solver=factors.report,
         passes=stats.passes,
+        warnings=notes,
     )

@@ -49,6 +49,11 @@ class Statistics:
     layout: Optional[Dict[str, list]] = None
 
     @property
+    def population_size_assumed(self) -> bool:
+        """Whether collection took N from the calibration data because the config left it unset."""
+        return "population_size" in self.config and self.config["population_size"] is None
+
+    @property
     def num_tokens(self) -> int:
         """Counted tokens T (the largest count over the distinct inputs)."""
         return max(entry.num_tokens for entry in self.inputs.values())

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import lora_da
-from conftest import assert_same_state, model_state, random_batches, tiny_llama
+from conftest import assert_same_state, model_state, random_batches, tiny_gpt2, tiny_llama
+from lora_da.collect import default_loss
 from lora_da.solve import InputFactors, natural_gradient
 from lora_da.statistics import InputStatistics, ModuleStatistics, Statistics
 
@@ -87,6 +88,11 @@ class OpaqueBatch:
         return self.batch["input_ids"].shape[0]
 
 
+def loss_per_text(model, batch: dict, texts) -> torch.Tensor:
+    """The default loss scaled by the texts per sequence: 1 when num_samples cut the texts with the tensors."""
+    return default_loss(model, batch) * len(texts) / batch["input_ids"].shape[0]
+
+
 def batch_as(kind, batch):
     """``batch`` (a dict) in the form ``kind``, with the loss_fn that reads it."""
     keys = ("input_ids", "attention_mask", "labels")
@@ -99,11 +105,11 @@ def batch_as(kind, batch):
         return BatchEncoding(batch), None
     if kind in ("tuple", "list"):
         container = tuple if kind == "tuple" else list
-        return container([*(batch[k] for k in keys), texts]), lambda m, b: m(**dict(zip(keys, b[:3]))).loss * len(b[3])
+        return container([*(batch[k] for k in keys), texts]), lambda m, b: loss_per_text(m, dict(zip(keys, b[:3])), b[3])
     if kind == "dataclass":
-        return TokenBatch(*(batch[k] for k in keys), texts), lambda m, b: m(
-            input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss * len(b.texts)
-    return OpaqueBatch(batch), lambda m, b: m(**b.batch).loss * b.batch["input_ids"].shape[0]
+        return TokenBatch(*(batch[k] for k in keys), texts), lambda m, b: loss_per_text(
+            m, {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels}, b.texts)
+    return OpaqueBatch(batch), lambda m, b: default_loss(m, b.batch)
 
 
 @pytest.mark.parametrize("kind", ["dict", "BatchEncoding", "tuple", "list", "dataclass"])
@@ -148,18 +154,34 @@ def test_num_samples_refuses_a_batch_it_cannot_cut_before_collecting():
     assert_same_state(before, model_state(model))
 
 
-def test_population_size_defaults(caplog):
+def test_population_size_defaults_warn_with_the_value_and_the_fix():
     model = tiny_llama()
     batches = random_batches([2, 2])
-    with caplog.at_level("INFO", logger="lora_da"):
+    with pytest.warns(UserWarning, match=r"population_size is not set, so N = 4 \(the number of calibration "
+                                         r"sequences\).*population_size=len\(train_set\)"):
         assert lora_da.collect_statistics(model, batches, progress=False).population_size == 4
-    assert "population_size N = 4" in caplog.text
 
     class Loader(list):
         dataset = list(range(1000))
 
-    assert lora_da.collect_statistics(model, Loader(batches), progress=False).population_size == 1000
-    assert lora_da.collect_statistics(model, batches, population_size=7, progress=False).population_size == 7
+    with pytest.warns(UserWarning, match=r"N = 1000 \(len\(loader.dataset\)"):
+        assert lora_da.collect_statistics(model, Loader(batches), progress=False).population_size == 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lora_da.collect_statistics(model, batches, population_size=7, progress=False).population_size == 7
+
+
+def test_report_opens_with_the_population_size_warning():
+    from test_peft import peft_llama
+
+    _, model = peft_llama()
+    with pytest.warns(UserWarning, match="population_size is not set"):
+        report = lora_da.initialize(model, random_batches([2, 3]), progress=False)
+    assert str(report).splitlines()[0].startswith("WARNING: population_size is not set, so N = 5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = lora_da.initialize(model, random_batches([2, 3]), population_size=100, progress=False)
+    assert not report.warnings and str(report).startswith("LoRA-DA initialisation")
 
 
 def massive_activation_statistics(input_factor_dtype: torch.dtype) -> Statistics:
@@ -240,3 +262,43 @@ def test_balanced_factors_keep_ba_and_split_its_singular_values(stats):
         s = torch.linalg.svdvals(f.lora_B @ f.lora_A)[:3]
         torch.testing.assert_close(f.lora_A @ f.lora_A.T, torch.diag(s), atol=1e-12, rtol=1e-9)
         torch.testing.assert_close(f.lora_B.T @ f.lora_B, torch.diag(s), atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_default_loss_sums_per_sequence_means_whatever_the_batching(make_model):
+    """Sequences with different numbers of labels, grouped three ways: G, y and Z are the same."""
+    whole = random_batches([5], seed=11)[0]
+    counts = (whole["labels"][:, 1:] != -100).sum(1)
+    assert len(set(counts.tolist())) > 1
+    groupings = {name: [{k: v[rows] for k, v in whole.items()} for rows in cuts]
+                 for name, cuts in {"one batch": [slice(0, 5)], "two": [slice(0, 2), slice(2, 5)],
+                                    "singles": [slice(i, i + 1) for i in range(5)]}.items()}
+    model = make_model(seed=12)
+    stats = {name: lora_da.collect_statistics(model, batches, population_size=5, progress=False)
+             for name, batches in groupings.items()}
+    want = stats["singles"]
+    for name in ("one batch", "two"):  # the losses are fp32 (as Hugging Face's own): fp32 rounding apart
+        for module, entry in want.modules.items():
+            for got, wanted in ((stats[name].modules[module].g_sum, entry.g_sum),
+                                (stats[name].modules[module].y_sum, entry.y_sum)):
+                assert float((got - wanted).norm() / wanted.norm()) < 1e-5, (name, module)
+    loss = lora_da.collect.default_loss(model, groupings["one batch"][0])
+    per_sequence = sum(model(**batch).loss for batch in groupings["singles"])
+    torch.testing.assert_close(loss.double(), per_sequence.double(), rtol=1e-6, atol=0)
+
+
+def test_default_loss_refuses_a_loss_it_cannot_split():
+    class SmoothedLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_llama(seed=3)
+
+        def forward(self, **batch):
+            logits = self.inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                                     label_smoothing=0.1)
+            return {"loss": loss, "logits": logits}
+
+    batch = random_batches([5], seed=11)[0]
+    with pytest.raises(ValueError, match="different numbers of labels.*loss_fn"):
+        lora_da.collect.default_loss(SmoothedLoss(), batch)
