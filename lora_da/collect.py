@@ -58,11 +58,8 @@ class _TokenBuffer:
         for name, g in grads.items():
             if name not in self.grads:
                 self.grads[name] = g.new_zeros((len(self.x), g.shape[-1]))
-        carries = torch.zeros_like(mask)
-        for g in grads.values():
-            carries |= (g != 0).any(dim=-1)
         counted_rows = mask.flatten().nonzero().flatten()
-        other_rows = (carries & ~mask).flatten().nonzero().flatten()
+        other_rows = (carries_gradient(grads, mask) & ~mask).flatten().nonzero().flatten()
         x = x.reshape(-1, x.shape[-1])
         grads = {name: g.reshape(-1, g.shape[-1]) for name, g in grads.items()}
         if len(counted_rows) + len(other_rows) >= len(self.x):  # a chunk's worth at once: no copy into the buffer
@@ -106,6 +103,14 @@ class _TokenBuffer:
                      counted)
 
 
+def carries_gradient(grads: Dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: tokens whose output gradient {name: [B, L, m]} is non-zero for some module."""
+    carries = torch.zeros_like(mask)
+    for g in grads.values():
+        carries |= (g != 0).any(dim=-1)
+    return carries
+
+
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
     """The sum over the batch's sequences of each one's mean token loss.
 
@@ -118,7 +123,7 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
     if not isinstance(batch, Mapping) or "labels" not in batch:
         raise ValueError("batch has no 'labels': pass loss_fn=... or add labels to every batch")
     output = model(**batch)
-    loss = output["loss"] if isinstance(output, Mapping) else getattr(output, "loss", None)
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
     if loss is None:
         raise ValueError(f"{type(model).__name__} returned no loss for a batch with labels: pass loss_fn=...")
     labels = batch["labels"]
@@ -127,7 +132,7 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
     labelled = labels != -100
     if all(bool((row_counts == row_counts[0]).all()) for row_counts in (labelled.sum(1), labelled[:, 1:].sum(1))):
         return loss * batch_size(batch)  # every sequence weighs the same, whatever the alignment
-    logits = output["logits"] if isinstance(output, Mapping) else getattr(output, "logits", None)
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor) and logits.shape[:2] == labels.shape:
         for shift in (1, 0):
             scores = logits[:, : logits.shape[1] - shift]
@@ -366,8 +371,9 @@ class _Collector:
                     key, x.new_zeros((t.out_features, t.in_features), dtype=dtype), x.new_zeros(t.out_features, dtype=dtype)
                 )
         grads = {m: event.grads[m].reshape(*x.shape[:2], -1) for m in names}
-        if not self.chunk:
-            self._update(key, x, mask, grads)
+        if not self.chunk:  # padding (not counted, no gradient) adds nothing, also where its activations are not finite
+            padding = ~(mask | carries_gradient(grads, mask))
+            self._update(key, x.masked_fill(padding[..., None], 0) if bool(padding.any()) else x, mask, grads)
             return
         if key not in self.buffers:
             self.buffers[key] = _TokenBuffer(self.chunk, x, lambda *chunk, key=key: self._update(key, *chunk))

@@ -149,3 +149,35 @@ def test_buffers_take_at_most_a_share_of_the_accumulators(monkeypatch):
 def test_buffer_tokens_is_checked():
     with pytest.raises(ValueError, match="buffer_tokens must be an integer >= 0"):
         lora_da.LoraDAConfig(buffer_tokens=-1)
+
+
+class PaddingOfNaN(torch.nn.Module):
+    """Embedding, one targeted layer, a head; activations at padded positions are NaN (or ``fill``)
+    and the layer's output there is dropped, so its gradient there is exactly zero."""
+
+    def __init__(self, fill=float("nan")):
+        super().__init__()
+        torch.manual_seed(5)
+        self.embed = torch.nn.Embedding(50, 8)
+        self.layer = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 50)
+        self.fill = fill
+
+    def forward(self, input_ids, attention_mask, labels):
+        keep = attention_mask.bool()[..., None]
+        h = torch.where(keep, self.embed(input_ids), self.fill)
+        h = torch.where(keep, self.layer(h), 0.0)
+        logits = self.head(torch.tanh(h))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:])
+        return {"loss": loss, "logits": logits}
+
+
+@pytest.mark.parametrize("buffer_tokens", [0, 7, 4096])
+def test_non_finite_padding_adds_nothing_buffered_or_not(buffer_tokens):
+    batches = random_batches([3, 2, 4], seed=8)
+    kwargs = dict(target_modules=["layer"], buffer_tokens=buffer_tokens, population_size=9, progress=False)
+    got = lora_da.collect_statistics(PaddingOfNaN(), batches, **kwargs)
+    want = lora_da.collect_statistics(PaddingOfNaN(fill=0.0), batches, **kwargs)
+    torch.testing.assert_close(got.modules["layer"].g_sum, want.modules["layer"].g_sum, rtol=0, atol=0)
+    torch.testing.assert_close(got.inputs["layer"].z_sum, want.inputs["layer"].z_sum, rtol=0, atol=0)
+    torch.testing.assert_close(got.modules["layer"].y_sum, want.modules["layer"].y_sum, rtol=0, atol=0)
