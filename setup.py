@@ -64,7 +64,8 @@ def cuda_build_options():
             return skip(f"nvcc not found (CUDA_HOME={cuda_home}, PATH)")
         cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(found)))
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # needed when no GPU is visible
+    # needed when no GPU is visible; PTX for the newest listed, so that later GPUs compile it at load
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     includes, libs = nvidia_wheel_dirs()

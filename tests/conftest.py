@@ -172,3 +172,18 @@ def assert_same_state(before, after):
         assert flag == new_flag, name
         assert torch.equal(value, new_value), name
         assert grad is None and new_grad is None, name
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Fresh float tensors (torch.empty, empty_like, Tensor.new_empty) start as NaN, so that an
+    element a kernel or its wrapper fails to write shows up in the result."""
+    def poisoned(make):
+        def call(*args, **kwargs):
+            out = make(*args, **kwargs)
+            return out.fill_(float("nan")) if out.is_floating_point() else out
+        return call
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))

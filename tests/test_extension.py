@@ -2,6 +2,7 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +68,17 @@ def test_fisher_op_schema_and_argument_checks_on_meta():
         ops.fisher_update_(x.double(), mask, [], None, [], [])
     with pytest.raises(NotImplementedError, match="CPU"):
         ops.fisher_update_(torch.zeros(3, 2), torch.ones(3), [], None, [], [])
+
+
+@pytest.mark.skipif(_extension.load_error() is not None, reason="the CUDA extension is not built here")
+def test_built_extension_carries_ptx_for_newer_gpus():
+    """The default arch list ends in +PTX: GPUs newer than the listed ones JIT-compile it at load."""
+    import importlib.util
+
+    import nvidia
+
+    wheel = [Path(folder) / "cu13" / "bin" / "cuobjdump" for folder in nvidia.__path__]  # nvidia-cuda-cuobjdump
+    cuobjdump = shutil.which("cuobjdump") or str(next(path for path in wheel if path.exists()))
+    library = importlib.util.find_spec("lora_da._C").origin
+    listed = subprocess.run([cuobjdump, "--list-ptx", library], capture_output=True, text=True, check=True).stdout
+    assert "sm_90" in listed, listed

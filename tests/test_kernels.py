@@ -2,13 +2,16 @@
 
 A kernel passes when its error against fp64 is at most twice the reference's error in the same
 precision, plus a small absolute term. Accumulators start from random values (the op adds),
-per-sequence sums start poisoned with NaN (the op must write every element).
+per-sequence sums (the op must write every element) and Z's lower triangle (which it must not read
+into the upper one) start poisoned with NaN, and so does every fresh float tensor (``poisoned_empty``).
 """
 import pytest
 import torch
 
 from lora_da import dispatch
 from lora_da.kernels import reference
+
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = [b for b in ("triton", "cuda") if dispatch.find("fisher_update", b).check(DEVICE, torch.float32) is None]
@@ -60,13 +63,18 @@ def make_inputs(b, length, n, ms, kind, dtype, seed):
     return to(x), mask.to(DEVICE), [to(g) for g in grads]
 
 
-def accumulators(n, ms, seed, poison_sequences, b):
+def accumulators(n, ms, seed, poison, b):
+    """Random Z, G, y; with ``poison`` Z's strictly lower triangle (which the op may update or not,
+    but never reads into the upper one) and the per-sequence sums (which it overwrites) are NaN."""
     gen = torch.Generator().manual_seed(seed + 1)
+    z = torch.randn(n, n, generator=gen)
+    if poison:
+        z[torch.ones(n, n, dtype=torch.bool).tril(-1)] = float("nan")
     acc = {
-        "z": torch.randn(n, n, generator=gen),
+        "z": z,
         "g": [torch.randn(m, n, generator=gen) for m in ms],
         "y": [torch.rand(m, generator=gen) for m in ms],
-        "s": [torch.full((b, m), float("nan") if poison_sequences else 0.0) for m in ms],
+        "s": [torch.full((b, m), float("nan") if poison else 0.0) for m in ms],
     }
     return {k: (v.to(DEVICE) if torch.is_tensor(v) else [t.to(DEVICE) for t in v]) for k, v in acc.items()}
 
@@ -146,15 +154,34 @@ def test_kernel_accumulates_over_calls(backend):
 
 @pytest.mark.skipif(not BACKENDS, reason="no kernel backend can run here")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_collect_statistics_with_backend_equals_torch(backend):
+@pytest.mark.parametrize("fisher", ["sequence_lowrank", "diagonal"])
+@pytest.mark.parametrize("input_factor_dtype,buffer_tokens", [("float64", 0), ("float32", 0), ("float32", 4096)],
+                         ids=["fp64 Z", "fp32 Z", "fp32 Z, compacted chunks"])
+def test_collect_statistics_with_backend_equals_torch(backend, fisher, input_factor_dtype, buffer_tokens, monkeypatch):
+    """fp32 Z goes through the kernel (fp64 Z stays on torch); with buffering (``diagonal`` only)
+    the kernels read compacted chunks gathered across batches."""
     import lora_da
     from conftest import random_batches, tiny_llama
+    from lora_da import collect
 
+    monkeypatch.setattr(collect, "BUFFER_SHARE_OF_ACCUMULATORS", 1e6)  # chunks as large as asked on a tiny model
     model = tiny_llama(seed=30, dtype=torch.float32).to(DEVICE)
-    batches = random_batches([2, 3], seed=31, padding="left")
-    cfg = lora_da.LoraDAConfig(output_fisher="sequence_lowrank", token_mask="labels")
+    batches = random_batches([2, 3, 4], seed=31, padding="left")
+    cfg = lora_da.LoraDAConfig(output_fisher=fisher, token_mask="labels", input_factor_dtype=input_factor_dtype,
+                               buffer_tokens=buffer_tokens, population_size=9)
+    calls = []
+    find = dispatch.find
+
+    def spy(op, backend_name):
+        impl = find(op, backend_name)
+        calls.append((backend_name, impl.backend))
+        return impl
+
+    monkeypatch.setattr(dispatch, "find", spy)
     want = lora_da.collect_statistics(model, batches, cfg, backend="torch", progress=False)
+    calls.clear()
     got = lora_da.collect_statistics(model, batches, cfg, backend=backend, progress=False)
+    assert bool(calls) == (input_factor_dtype == "float64")  # the torch reference is asked for fp64 Z only
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
@@ -162,7 +189,7 @@ def test_collect_statistics_with_backend_equals_torch(backend):
     for key in want.inputs:
         assert rel(got.inputs[key].z_sum, want.inputs[key].z_sum) <= 1e-5
     for name in want.modules:
-        for field in ("g_sum", "y_sum", "sequence_sums"):
+        for field in ("g_sum", "y_sum") + (("sequence_sums",) if fisher == "sequence_lowrank" else ()):
             assert rel(getattr(got.modules[name], field), getattr(want.modules[name], field)) <= 1e-5, (name, field)
 
 

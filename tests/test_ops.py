@@ -7,6 +7,8 @@ import torch
 from lora_da import dispatch
 from lora_da.kernels import reference
 
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
+
 SHAPES = [  # (B, L, n, [m_k])
     (1, 1, 5, [3]),  # a single token
     (2, 7, 13, [11, 5, 13]),  # odd sizes, several modules on one input

@@ -7,8 +7,9 @@ from lora_da.kernels import reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON = dispatch.find("inner_products", "triton")
-pytestmark = pytest.mark.skipif(TRITON.check(DEVICE, torch.float64) is not None,
-                                reason=str(TRITON.check(DEVICE, torch.float64)))
+pytestmark = [pytest.mark.skipif(TRITON.check(DEVICE, torch.float64) is not None,
+                                 reason=str(TRITON.check(DEVICE, torch.float64))),
+              pytest.mark.usefixtures("poisoned_empty")]
 
 SHAPES = [  # (batch, n, p, q)
     (1, 1, 1, 1),  # a single row

@@ -106,7 +106,7 @@ def _z_upper_kernel(x_ptr, order_ptr, count_ptr, count_value, z_ptr, n, stride_x
             b = tl.load(x_ptr + token[:, None] * stride_xt + cols_j[None, :],
                         mask=live[:, None] & (cols_j[None, :] < n), other=0.0)
             acc = _add_product(acc, a, b, IEEE, CAST_F32)
-        z_ptrs = z_ptr + cols_i[:, None] * stride_zn + cols_j[None, :]
+        z_ptrs = z_ptr + cols_i[:, None].to(tl.int64) * stride_zn + cols_j[None, :]  # n^2 may pass 2^31
         inside = (cols_i[:, None] < n) & (cols_j[None, :] < n)
         tl.store(z_ptrs, tl.load(z_ptrs, mask=inside, other=0.0) + acc, mask=inside)
 
@@ -133,7 +133,7 @@ def _g_kernel(x_ptr, grad_ptr, mask_ptr, g_ptr, y_ptr, tokens, m, n, stride_xt, 
             weight = tl.load(mask_ptr + t, mask=live, other=0.0)
             g32 = g.to(tl.float32)
             y_acc += tl.sum(g32 * g32 * weight[:, None], axis=0)
-    g_ptrs = g_ptr + rows[:, None] * stride_gm + cols[None, :]
+    g_ptrs = g_ptr + rows[:, None].to(tl.int64) * stride_gm + cols[None, :]  # m * n may pass 2^31
     inside = (rows[:, None] < m) & (cols[None, :] < n)
     tl.store(g_ptrs, tl.load(g_ptrs, mask=inside, other=0.0) + acc, mask=inside)
     if pid_n == 0:
