@@ -1,5 +1,6 @@
 // torch.library registration of the lora_da::* ops (CUDA implementations, meta kernels).
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cublas_v2.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -161,6 +162,8 @@ void fisher_update_cuda(const at::Tensor& x, const at::Tensor& mask, at::TensorL
                         std::optional<int64_t> counted) {
     check_fisher_args(x, mask, grads, z, gs, ys, counted);
     TORCH_CHECK(x.is_cuda(), "lora_da::fisher_update_ needs CUDA tensors");
+    // the stream, the cuBLAS handle and the launches belong to x's device, not the current one
+    const c10::cuda::CUDAGuard device_guard(x.device());
     const int64_t tokens = x.size(0), n = x.size(1);
     if (tokens == 0 || n == 0) return;
     const int code = dtype_code(x.scalar_type());

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .reference import write_sequence_sums
-from .triton_setup import AUTOTUNE_EXTRA, INTERPRET, configs, tile_prune
+from .triton_setup import AUTOTUNE_EXTRA, INTERPRET, configs, on_device, tile_prune
 
 # PROGRAMS_PER_SM: 0 launches one program per upper-triangular tile; k > 0 launches k per SM
 # (at most one per tile), each looping over the tiles with a stride of the grid (persistent)
@@ -195,19 +195,21 @@ def fisher_update(
     weights = mask.reshape(tokens).to(torch.float32)
     ieee = x.dtype == torch.float32
     key, bucket = _dtype_key(x.dtype), token_bucket(tokens)
-    if input_factor is not None and tokens > 0 and counted != 0:
-        order, count = (xs, xs) if counted is not None else counted_order(mask)  # xs: unread stand-ins
-        grid = functools.partial(_z_grid, n=n, sms=_multiprocessors(x.device))
-        _z_upper_kernel[grid](xs, order, count, counted or 0, input_factor, n, xs.stride(0), input_factor.stride(0),
-                              key, bucket, COMPACTED=counted is not None, IEEE=ieee, CAST_F32=INTERPRET)
-    for k, grad in enumerate(grads):
-        m = grad.shape[-1]
-        gs = grad.reshape(tokens, m)
-        if gs.stride(1) != 1:
-            gs = gs.contiguous()
-        if tokens > 0:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-            _g_kernel[grid](xs, gs, weights, gradients[k], output_factors[k], tokens, m, n, xs.stride(0), gs.stride(0),
-                            gradients[k].stride(0), key, bucket, IEEE=ieee, CAST_F32=INTERPRET)
-        if sequence_sums is not None:
-            write_sequence_sums(gs, weights, batch, length, sequence_sums[k])
+    with on_device(x.device):
+        if input_factor is not None and tokens > 0 and counted != 0:
+            order, count = (xs, xs) if counted is not None else counted_order(mask)  # xs: unread stand-ins
+            grid = functools.partial(_z_grid, n=n, sms=_multiprocessors(x.device))
+            _z_upper_kernel[grid](xs, order, count, counted or 0, input_factor, n, xs.stride(0),
+                                  input_factor.stride(0), key, bucket, COMPACTED=counted is not None, IEEE=ieee,
+                                  CAST_F32=INTERPRET)
+        for k, grad in enumerate(grads):
+            m = grad.shape[-1]
+            gs = grad.reshape(tokens, m)
+            if gs.stride(1) != 1:
+                gs = gs.contiguous()
+            if tokens > 0:
+                grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+                _g_kernel[grid](xs, gs, weights, gradients[k], output_factors[k], tokens, m, n, xs.stride(0),
+                                gs.stride(0), gradients[k].stride(0), key, bucket, IEEE=ieee, CAST_F32=INTERPRET)
+            if sequence_sums is not None:
+                write_sequence_sums(gs, weights, batch, length, sequence_sums[k])

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_setup import AUTOTUNE_EXTRA, configs, tile_prune
+from .triton_setup import AUTOTUNE_EXTRA, configs, on_device, tile_prune
 
 ROWS_PER_SLICE = 256  # rows reduced by one program before its partial tile is written
 
@@ -77,7 +77,8 @@ def inner_products(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor]
     slices = triton.cdiv(n, ROWS_PER_SLICE)
     partial = torch.empty(slices, batch, p, q, dtype=torch.float64, device=a.device)
     grid = lambda meta: (batch * triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(q, meta["BLOCK_Q"]), slices)  # noqa: E731
-    _inner_kernel[grid](a, b, partial, n, p, q, ROWS_PER_SLICE, a.stride(0), a.stride(1), a.stride(2),
-                        b.stride(0), b.stride(1), b.stride(2))
+    with on_device(a.device):
+        _inner_kernel[grid](a, b, partial, n, p, q, ROWS_PER_SLICE, a.stride(0), a.stride(1), a.stride(2),
+                            b.stride(0), b.stride(1), b.stride(2))
     return torch.sum(partial, dim=0, out=out)
 

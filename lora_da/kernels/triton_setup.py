@@ -1,14 +1,22 @@
-"""What every Triton kernel module shares: interpreter detection and autotuning configs."""
+"""What every Triton kernel module shares: interpreter detection, autotuning configs, the device guard."""
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
 from typing import Dict, Optional, Sequence
 
+import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def on_device(device: torch.device):
+    """The context every launch runs in: ``device`` current (so that Triton launches on its
+    stream, not on that of whichever GPU is current, e.g. cuda:0 for tensors on cuda:1)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def cpu_do_bench(fn, quantiles=None, **_):
