@@ -683,9 +683,11 @@ def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets
                 if cfg.num_samples is not None and seen >= cfg.num_samples:
                     break
             bar.close()
-            if place is not None and num_sequences == 0:
-                raise ValueError(f"rank {place[0]} of {place[1]} received no calibration batch: "
+            if num_sequences == 0:
+                raise ValueError("the calibration loader produced no batches" if place is None else
+                                 f"rank {place[0]} of {place[1]} received no calibration batch: "
                                  "use fewer ranks or more batches")
+            stats = collector.statistics(num_sequences, 0)
         except BaseException as exc:
             if place is None:
                 raise
@@ -696,14 +698,20 @@ def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets
             collector.events.clear()
     if place is not None:
         distributed.agree_on_failure(error, device)
-    if num_sequences == 0:
-        raise ValueError("the calibration loader produced no batches")
-    stats = collector.statistics(num_sequences, 0)
-    if place is not None:
+        distributed.check_same_layout(stats, device)
         distributed.reduce_statistics(stats, to_owners=cfg.shard_statistics)
-    bad = stats.non_finite()
-    if bad:
-        raise FloatingPointError(f"non-finite statistics (NaN/Inf activations or gradients with a finite loss) in modules {bad}")
+    error = None
+    try:
+        bad = stats.non_finite()  # with shard_statistics, of this rank's own modules
+        if bad:
+            raise FloatingPointError(f"non-finite statistics (NaN/Inf activations or gradients with a finite loss) "
+                                     f"in modules {bad}")
+    except FloatingPointError as exc:
+        if place is None:
+            raise
+        error = exc
+    if place is not None:
+        distributed.agree_on_failure(error, device, "the checks of the reduced statistics")
     stats.population_size = _population_size(cfg, loader, stats.num_sequences)[0]
     return stats
 

@@ -58,6 +58,25 @@ def agree_on_failure(error: Optional[BaseException], device: torch.device, durin
         raise RuntimeError(f"lora_da: {int(flag.item())} other rank(s) failed during {during}; see their errors")
 
 
+def check_same_layout(stats: Statistics, device: torch.device) -> None:
+    """ValueError on every rank unless every rank holds the same distinct inputs, each read by the
+    same modules, with the same shapes and dtypes: checked before any reduction, which would
+    otherwise pair unlike buffers, or wait forever for one that a rank does not have."""
+    mine = {key: [list(entry.modules), list(entry.z_sum.shape), str(entry.z_sum.dtype),
+                  {name: list(stats.modules[name].g_sum.shape) for name in entry.modules}]
+            for key, entry in stats.inputs.items()}
+    layouts = _gather_json(mine, device)
+    differences = []
+    for rank, layout in enumerate(layouts[1:], start=1):
+        for key in sorted(layouts[0].keys() | layout.keys()):
+            if layouts[0].get(key) != layout.get(key):
+                differences.append(f"input {key}: rank 0 {layouts[0].get(key)}, rank {rank} {layout.get(key)}")
+    if differences:
+        shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
+        raise ValueError("ranks collected different statistics (every rank needs the same model and targets, and "
+                         f"batches that reach every targeted module): {shown}")
+
+
 def merge_reports(report: Dict[str, dict], device: torch.device) -> Dict[str, dict]:
     """The solver reports of every rank's share as one (see ``solve.Factors``): module counts
     add, iterations and residuals take the largest, unconverged modules are pooled. ``device``:

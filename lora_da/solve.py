@@ -556,7 +556,6 @@ def _solve_pinned(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str
     device = stats.device if device is None else torch.device(device)
     for rank_set in rank_sets:
         check_ranks(shapes, rank_set)
-    check_counted_tokens(stats)
     out_dtype = torch.float64 if stats.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(cfg.gamma)
     groups: Dict[Tuple[int, int, int], list] = {}
@@ -567,6 +566,7 @@ def _solve_pinned(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str
         raise ValueError("statistics sharded by owner are solved by the ranks that hold them, inside their process group")
     diagnosed = (betas[0], rank_sets[0]) if len(betas) == len(rank_sets) == 1 else None
     if place is None:
+        check_counted_tokens(stats)
         subspaces, report = _solve_groups(stats, cfg, groups, betas, device, progress, diagnosed)
     else:  # each rank solves its share of every shape (its own modules when sharded); the factors are broadcast after
         owners = ({name: stats.layout[name][0] for name in names} if stats.layout is not None
@@ -574,6 +574,7 @@ def _solve_pinned(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str
         mine = {key: [n for n in group if owners[n] == place[0]] for key, group in groups.items()}
         subspaces, report, error = {}, {}, None
         try:
+            check_counted_tokens(stats)  # of this rank's own inputs when sharded
             subspaces, report = _solve_groups(stats, cfg, {k: g for k, g in mine.items() if g}, betas, device, progress,
                                               diagnosed)
         except BaseException as exc:  # every rank must reach the agreement, or the others wait forever

@@ -8,7 +8,9 @@ solver reports of that solve and of a randomized one stopped after one iteration
 DistributedSampler, through ``initialize`` on a PEFT model), ``fail`` (rank 1's loader raises),
 ``die`` (rank 1's process exits mid-collection), ``solve_nan`` / ``solve_cholesky`` (the
 statistics of a module that rank 1 solves hold a NaN in G, or an input factor no damping makes
-positive definite).
+positive definite), and checks that fail on rank 1 alone: ``unreached`` (a module none of its
+batches reach), ``other_targets`` (it targets other modules), ``reduced_nan`` (its share of the
+sharded sums holds a NaN), ``solve_silent`` (an input of its share has no counted token).
 """
 import json
 import os
@@ -27,6 +29,9 @@ import lora_da
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TARGETS, assert_same_state, golden_batches, model_state  # noqa: E402
+
+
+BROKEN = "model.layers.1.mlp.down_proj"  # the second of the two down_proj: rank 1 solves it
 
 
 def failing(batches, die: bool):
@@ -85,13 +90,35 @@ def main(golden: Path, out: Path, mode: str, count: int) -> None:
         lora_da.initialize(peft_model, batches, cfg, shard_statistics=True, progress=False)  # rank r: batches r, r + 2, ...
         tensors = {n: p.full_tensor() for n, p in peft_model.named_parameters() if "lora_" in n}
         tensors.update({f"{n}.local": p.to_local() for n, p in peft_model.named_parameters() if "lora_" in n})
+    elif mode in ("unreached", "other_targets", "reduced_nan"):  # a check that fails on rank 1 alone
+        if mode == "unreached" and rank == 1:  # like an MoE expert that none of rank 1's batches reach
+            model.get_submodule(BROKEN).register_forward_hook(lambda module, args, output: output.detach())
+        if mode == "other_targets" and rank == 1:
+            cfg = cfg.replace(target_modules=[t for t in TARGETS if t != "down_proj"])
+        if mode == "reduced_nan":
+            reduce = lora_da.distributed.reduce_statistics
+
+            def reduce_then_spoil(stats, to_owners=False):  # a NaN in sums that only rank 1 holds
+                reduce(stats, to_owners)
+                if rank == 1:
+                    next(iter(stats.modules.values())).g_sum[0, 0] = float("nan")
+
+            lora_da.distributed.reduce_statistics = reduce_then_spoil
+        write_outcome(out, rank, lambda: lora_da.collect_statistics(model, batches, cfg, shard_statistics=True,
+                                                                    progress=False))
+        return
+    elif mode == "solve_silent":  # sharded statistics of which rank 1's hold an input without counted tokens
+        stats = lora_da.collect_statistics(model, batches, cfg, shard_statistics=True, progress=False)
+        if rank == 1:
+            next(iter(stats.inputs.values())).num_tokens = 0
+        write_outcome(out, rank, lambda: lora_da.solve(stats, cfg, progress=False))
+        return
     elif mode.startswith("solve_"):
         stats = lora_da.collect_statistics(model, batches, cfg, progress=False)
-        broken = "model.layers.1.mlp.down_proj"  # the second of the two down_proj: rank 1 solves it
         if mode == "solve_nan":
-            stats.modules[broken].g_sum[0, 0] = float("nan")
+            stats.modules[BROKEN].g_sum[0, 0] = float("nan")
         else:
-            entry = stats.inputs[stats.modules[broken].input_key]
+            entry = stats.inputs[stats.modules[BROKEN].input_key]
             entry.z_sum.copy_(-1e12 * entry.num_tokens * torch.eye(entry.z_sum.shape[0], dtype=entry.z_sum.dtype))
         write_outcome(out, rank, lambda: lora_da.solve(stats, cfg, progress=False))
         return

@@ -136,6 +136,30 @@ def test_a_rank_whose_solve_fails_makes_every_rank_raise(tmp_path, mode, error):
     assert errors[0] == "RuntimeError: lora_da: 1 other rank(s) failed during the solve; see their errors"
 
 
+@pytest.mark.parametrize("mode,error,others", [
+    ("unreached", r"RuntimeError: targeted modules never received an output gradient during collection: "
+                  r"\['model.layers.1.mlp.gate_proj', 'model.layers.1.mlp.up_proj'\]", "collection"),
+    ("reduced_nan", r"FloatingPointError: non-finite statistics", "the checks of the reduced statistics"),
+    ("solve_silent", r"ValueError: no counted token reached modules", "the solve"),
+], ids=["unreached module", "non-finite share", "silent share"])
+def test_a_check_that_fails_on_one_rank_makes_every_rank_raise(tmp_path, mode, error, others):
+    """A check that only rank 1's statistics fail: rank 0 raises too instead of waiting in the next
+    collective (a hang would end in the subprocess timeout)."""
+    out = torchrun(tmp_path, mode, 12, timeout=180)
+    errors = [json.loads((out / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
+    assert re.match(error, errors[1]), errors[1]
+    assert errors[0] == f"RuntimeError: lora_da: 1 other rank(s) failed during {others}; see their errors", errors[0]
+
+
+def test_ranks_with_different_statistics_all_say_how_before_reducing(tmp_path):
+    out = torchrun(tmp_path, "other_targets", 12, timeout=180)
+    errors = [json.loads((out / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith("ValueError: ranks collected different statistics"), errors[0]
+    assert "input model.layers.0.mlp.down_proj: rank 0 [['model.layers.0.mlp.down_proj'], [80, 80]" in errors[0]
+    assert ", rank 1 None" in errors[0]
+
+
 def test_a_dying_rank_ends_the_job_with_its_name(tmp_path):
     """torchrun stops the other ranks (no hang in a collective) and names the one that died."""
     done = torchrun(tmp_path, "die", 12, expect_success=False)
