@@ -175,6 +175,16 @@ def batch_size(batch) -> int:
                      "their number of sequences")
 
 
+def decoder_token_mask(batch, kind: str) -> Optional[torch.Tensor]:
+    """[B, L_dec] bool mask of an encoder-decoder model's counted decoder tokens (None: every one):
+    ``decoder_attention_mask`` where the batch has one, and for ``labels`` the positions with a
+    label (a decoder position predicts the label at its own position)."""
+    if kind == "labels":
+        return batch["labels"] != -100
+    mask = batch.get("decoder_attention_mask") if kind == "attention" else None
+    return None if mask is None else mask.bool()
+
+
 def token_mask(batch, kind: str) -> Optional[torch.Tensor]:
     """[B, L] bool mask of counted tokens; None means every position counts."""
     if kind == "all" or not isinstance(batch, Mapping):
@@ -271,9 +281,16 @@ def frozen_eval(model: nn.Module):
 class _Collector:
     """Hooks on the targets; turns each batch's events into op calls on the accumulators."""
 
-    def __init__(self, targets: Dict[str, Target], cfg: LoraDAConfig, chunk: int = 0):
+    def __init__(self, targets: Dict[str, Target], cfg: LoraDAConfig, chunk: int = 0,
+                 encoder_targets: Optional[set] = None):
         self.targets = targets
         self.cfg = cfg
+        # an encoder-decoder model: the targets inside its encoder (None for other models); the
+        # encoder's outputs of this batch, which its decoder's cross-attention reads
+        self.encoder_targets = encoder_targets
+        self.encoder_outputs: List[torch.Tensor] = []
+        self.decoder_mask: Optional[torch.Tensor] = None
+        self.row_kinds: Dict[str, str] = {}  # module -> what its input's rows are: "tokens" or "sequences"
         # tokens per op call, gathered across micro-batches (0: each event at once); per-sequence
         # sums need each batch's layout, so sequence_lowrank runs each event at once
         self.chunk = 0 if cfg.output_fisher == "sequence_lowrank" else chunk
@@ -308,20 +325,42 @@ class _Collector:
 
         return forward_hook
 
+    def record_encoder_output(self, module, args, output) -> None:
+        """Forward hook on an encoder-decoder model's encoder: the hidden states its decoder reads."""
+        hidden = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+        if isinstance(hidden, torch.Tensor):
+            self.encoder_outputs.append(hidden)
+
     def _event_mask(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The counted tokens of input x [B, L, n] (or [B*L, n] flattened, or [B, n] pooled) of
+        module ``name``: its stack's mask, matched by where x comes from, not by its shape alone."""
         lead = x.shape[:-1]
-        if self.batch_mask is None:
-            return torch.ones(lead, dtype=torch.bool, device=x.device)
         mask = self.batch_mask
-        if mask.shape == lead or (len(lead) == 1 and lead[0] == mask.numel()):
-            return mask.to(x.device)
-        if len(lead) == 1 and mask.dim() == 2 and lead[0] == mask.shape[0]:
+        if self.encoder_targets is not None and not (name in self.encoder_targets
+                                                     or any(x is out for out in self.encoder_outputs)):
+            mask = self.decoder_mask  # a decoder's own tokens; cross-attention reads the encoder's
+        if mask is None:
+            return torch.ones(lead, dtype=torch.bool, device=x.device)
+        kind, counted = None, None
+        if mask.shape == lead:
+            kind, counted = "tokens", mask
+        elif len(lead) == 1 and lead[0] == mask.numel():
+            kind, counted = "tokens", mask.reshape(-1)  # the batch's tokens flattened to [B*L, n], in order
+        elif len(lead) == 1 and mask.dim() == 2 and lead[0] == mask.shape[0]:
             # one pooled vector per sequence (a classifier's pooler or head): one token each
-            return torch.ones((lead[0], 1), dtype=torch.bool, device=x.device)
-        raise ValueError(
-            f"module {name!r}: input of shape {tuple(x.shape)} does not line up with the token mask "
-            f"of shape {tuple(mask.shape)}; use token_mask='all' for this model"
-        )
+            kind, counted = "sequences", torch.ones((lead[0], 1), dtype=torch.bool)
+        if name in self.row_kinds and self.row_kinds[name] != kind:  # an expert that once got B tokens is no pooler
+            raise ValueError(
+                f"module {name!r} read the batch's {self.row_kinds[name]} in one batch and rows of shape "
+                f"{tuple(x.shape)} in another, e.g. tokens routed to an MoE expert; use token_mask='all' to count "
+                "every row it reads")
+        if kind is None:
+            raise ValueError(
+                f"module {name!r}: its input of shape {tuple(x.shape)} is neither the batch's tokens (mask of shape "
+                f"{tuple(mask.shape)}, or them flattened) nor one vector per sequence, e.g. tokens routed to an MoE "
+                "expert; use token_mask='all' to count every row it reads")
+        self.row_kinds[name] = kind
+        return counted.to(x.device)
 
     def _on_grad(self, event: _Event, name: str, g: torch.Tensor) -> None:
         event.grads[name] = g.detach()
@@ -403,7 +442,12 @@ class _Collector:
 
     def start_batch(self, batch, batch_size_: int) -> None:
         self.events.clear()
-        self.batch_mask = token_mask(batch, self.cfg.token_mask)
+        self.encoder_outputs.clear()
+        if self.encoder_targets is None:
+            self.batch_mask = token_mask(batch, self.cfg.token_mask)
+        else:  # the encoder's tokens by its attention mask, the decoder's by its own (decoder_token_mask)
+            self.batch_mask = token_mask(batch, "all" if self.cfg.token_mask == "all" else "attention")
+            self.decoder_mask = None if self.cfg.token_mask == "all" else decoder_token_mask(batch, self.cfg.token_mask)
         self.batch_seq_sums = {}
         self.current_batch_size = batch_size_
 
@@ -648,6 +692,14 @@ def buffer_token_bytes(targets: List[Target], x_element_size: int) -> int:
     return sum(x_element_size * (t.in_features + t.out_features) + 1 for t in targets)
 
 
+def encoder_of(model: nn.Module) -> Optional[nn.Module]:
+    """The encoder of an encoder-decoder model (``config.is_encoder_decoder``, e.g. T5, BART), else None."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
+        return None
+    return model.get_encoder()
+
+
 def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets: Dict[str, Target], loss_fn: LossFn,
                   device: torch.device, label: str, progress: bool, chunk: int) -> Statistics:
     """One pass over ``loader`` with hooks on ``targets``, the op on ``chunk`` tokens at a time;
@@ -660,7 +712,10 @@ def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets
         if by_index:
             logger.info("lora_da: rank %d of %d takes calibration batches %d, %d + %d, ... (no DistributedSampler)",
                         place[0], place[1], place[0], place[0], place[1])
-    collector = _Collector(targets, cfg, chunk)
+    encoder = encoder_of(model)
+    in_encoder = None if encoder is None else {id(m) for m in encoder.modules()}
+    collector = _Collector(targets, cfg, chunk, None if encoder is None else
+                           {name for name, t in targets.items() if id(t.module) in in_encoder})
     num_sequences = 0  # collected by this process
     seen = 0  # sequences of every rank so far (num_samples counts these)
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -669,6 +724,8 @@ def _collect_pass(model: nn.Module, loader: Iterable, cfg: LoraDAConfig, targets
     with frozen_eval(model), torch.enable_grad():
         try:
             handles = [t.module.register_forward_hook(collector.hook(name)) for name, t in targets.items()]
+            if encoder is not None:
+                handles.append(encoder.register_forward_hook(collector.record_encoder_output))
             bar = tqdm(loader, total=total, desc=label, unit="batch",
                        disable=not progress or not distributed.is_main_process())
             for index, batch in enumerate(bar):
