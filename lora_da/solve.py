@@ -25,6 +25,10 @@ SOLVE_BATCH_BYTES = 2**31  # the randomized solver stacks at most this much of G
 CPU_BLOCK_BYTES = 32 * 2**20
 SIGMA_TOLERANCE = 1e-8  # relative change of sigma^2 at which the randomized path's sigma iteration stops
 TOKEN_BASIS_OVERSAMPLING = 8  # extra columns of the range finder of Z when it has fewer tokens than features
+EIGH_FLOPS = 9  # counted flops of a symmetric eigendecomposition with its vectors, per n^3
+# the randomized solver's iterations as the token space's cost model counts them: the main job's
+# shapes take 13 to 16 (RESULTS.md, "The main job"), and clustered spectra many more
+RANDOMIZED_ITERATIONS_COUNTED = 16
 DELTA_NORM_PROBES = 16  # Gaussian columns of the randomized path's estimate of ||Delta||_F^2 (the captured share)
 
 
@@ -372,6 +376,11 @@ class InputFactors:
         for cache in (self.factors, self.inverses, self.bases):
             cache.pop(key, None)
 
+    def release_probes(self, n: int) -> None:
+        """Forget the Gaussians of inputs with n features, once none is left to solve."""
+        for size in [size for size in self.probes if size[0] == n]:
+            del self.probes[size]
+
 
 def resolve_solver(solver: str, in_features: int) -> str:
     """``auto`` takes the randomized solver for modules with n >= AUTO_RANDOMIZED_MIN_N."""
@@ -468,9 +477,46 @@ def rounding_outside(stats: Statistics, name: str, projected: torch.Tensor, z: t
     return math.sqrt(TOKEN_BASIS_OVERSAMPLING) * (eps * math.sqrt(tokens) * sums + sketch + basis)
 
 
+def token_space_pays(n: int, tokens: int, widths: Sequence[int], solver: str, columns: int) -> bool:
+    """Whether the modules of one input (in_features n, out_features ``widths``) cost fewer counted
+    flops in the span of its ``tokens`` counted tokens (s = tokens + TOKEN_BASIS_OVERSAMPLING
+    columns: the range finder's products with Z, its QR and Rayleigh-Ritz, the sketch's check, and
+    per module G W, Delta_S^T Delta_S and an s x s eigenproblem) than in the full solve (Cholesky
+    and inverse of Zd, per module Delta = G Zd^-1, then an n x n eigenproblem for the exact solver,
+    or RANDOMIZED_ITERATIONS_COUNTED applies of Omega to ``columns`` vectors for the randomized one).
+    Where Z's null space (n - T directions, all at the damping in Zd) is wider than twice the
+    randomized solver's ``columns``, that solver stalls at its iteration limit with residuals far
+    above its tolerance (RESULTS.md, "Token space"): the span, exact, is taken there."""
+    s = tokens + TOKEN_BASIS_OVERSAMPLING
+    if s >= n:
+        return False
+    if solver == "randomized" and n - tokens > 2 * columns:
+        return True
+    basis = 4 * n * n * s + 4 * n * s * s + EIGH_FLOPS * s ** 3 + 2 * n * n * TOKEN_BASIS_OVERSAMPLING
+    in_span = basis + sum(2 * m * n * s + 2 * m * s * s + EIGH_FLOPS * s ** 3 for m in widths)
+    per_module = {"exact": lambda m: EIGH_FLOPS * n ** 3,
+                  "randomized": lambda m: RANDOMIZED_ITERATIONS_COUNTED * (4 * m * n + 2 * n * n) * columns}[solver]
+    full = n ** 3 / 3 + n ** 3 + sum(2 * m * n * n + per_module(m) for m in widths)
+    return in_span < full
+
+
+def token_space_inputs(stats: Statistics, names: Sequence[str], solver: str, columns: int) -> set:
+    """The inputs of ``names`` to solve in the span of their tokens: fp64 statistics (in fp32, the
+    rounding of G's sums outside that span, which the full solve keeps and Zd^-1 = 1 / damping
+    amplifies there, would make the two solves differ by more than their rounding, and results
+    jump as T crosses n) whose counted cost is lower there (``token_space_pays``)."""
+    if stats.dtype != torch.float64:
+        return set()
+    keys = {stats.modules[name].input_key for name in names}
+    return {key for key in keys
+            if token_space_pays(stats.inputs[key].z_sum.shape[0], stats.inputs[key].num_tokens,
+                                [stats.modules[m].g_sum.shape[0] for m in stats.inputs[key].modules], solver,
+                                columns)}
+
+
 def token_space_subspaces(stats: Statistics, names: Sequence[str], factors: InputFactors, cfg: LoraDAConfig,
-                          betas: Sequence[float], rank: int, population: int,
-                          eigh_on_host: bool = True) -> Dict[str, Dict[float, Subspace]]:
+                          betas: Sequence[float], rank: int, population: int, eigh_on_host: bool = True,
+                          budget: int = SOLVE_BATCH_BYTES) -> Dict[str, Dict[float, Subspace]]:
     """The exact subspaces of those of ``names`` (one shape) whose input has fewer counted tokens
     than features: module -> beta -> Subspace.
 
@@ -481,11 +527,15 @@ def token_space_subspaces(stats: Statistics, names: Sequence[str], factors: Inpu
     on S and c' / damping on the complement: its smallest eigenvectors come from an s x s
     eigenproblem, solved densely (the modules of one s together). A module is left to the full
     solve when G reaches outside S beyond the rounding of its sums, when s < r, or when the
-    complement's eigenvalue is not above the r-th smallest on S."""
+    complement's eigenvalue is not above the r-th smallest on S. Only the inputs
+    ``token_space_inputs`` picks are tried; the modules of one s are solved in stacks of at most
+    ``budget`` bytes ([b, s, s] fp64, three of them)."""
     problems = []
+    chosen = token_space_inputs(stats, names, resolve_solver(cfg.solver, stats.modules[names[0]].g_sum.shape[1]),
+                                rank + cfg.solver_oversampling)
     for name in names:
         key = stats.modules[name].input_key
-        basis = factors.token_basis(key)
+        basis = factors.token_basis(key) if key in chosen else None
         if basis is None or basis[0].shape[1] < rank:
             continue
         w, z = basis
@@ -501,8 +551,12 @@ def token_space_subspaces(stats: Statistics, names: Sequence[str], factors: Inpu
         problems.append(_TokenSpaceProblem(name, w, delta, 1.0 / (z + factors.dampings[key]), factors.dampings[key],
                                            float(d.sum())))
     out: Dict[str, Dict[float, Subspace]] = {}
+    stacks = []
     for size in sorted({problem.basis.shape[1] for problem in problems}):
-        group = [problem for problem in problems if problem.basis.shape[1] == size]
+        same = [problem for problem in problems if problem.basis.shape[1] == size]
+        most = max(1, budget // (3 * 8 * size * size))
+        stacks += [(size, same[start:start + most]) for start in range(0, len(same), most)]
+    for size, group in stacks:
         grams = torch.stack([problem.delta.T @ problem.delta for problem in group])  # [b, s, s]
         sigma = eigh(grams, on_host=eigh_on_host)[0][:, -1].clamp_min(0.0).sqrt() if cfg.normalize_delta \
             else torch.ones(len(group), dtype=grams.dtype, device=grams.device)
@@ -611,6 +665,7 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
               for chunk in _chunks(stats, group, shape, budget,
                                    solve_batch_modules(device, shape[1], shape[2] + cfg.solver_oversampling))]
     readers = Counter(stats.modules[n].input_key for _, chunk in chunks for n in chunk)
+    widths_left = Counter(shape[1] for shape, _ in chunks)  # chunks still to solve, per in_features
     factors = InputFactors(stats, cfg.damping, device, cfg.seed, relative=cfg.damping_mode == "relative")
     batched = _BatchedSolver(stats, cfg, population, factors, device)
     eigh_on_host = cfg.solver_small_eigh == "host"
@@ -625,7 +680,8 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
         solver = resolve_solver(cfg.solver, n)
         info = report.setdefault(f"{m}x{n}, r={rank}", {"solver": solver, "modules": 0, "converged": True})
         info["modules"] += len(chunk)
-        in_token_space = token_space_subspaces(stats, chunk, factors, cfg, betas, rank, population, eigh_on_host)
+        in_token_space = token_space_subspaces(stats, chunk, factors, cfg, betas, rank, population, eigh_on_host,
+                                               budget)
         for name, found in in_token_space.items():
             subspaces.update({(beta, name): subspace for beta, subspace in found.items()})
         info.setdefault("token_space", {}).update(
@@ -660,6 +716,9 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
                  for name in chunk})
         for key in last_readers:
             factors.release(key)
+        widths_left[n] -= 1
+        if not widths_left[n]:
+            factors.release_probes(n)
     warn_unconverged(report, cfg)
     return subspaces, report
 

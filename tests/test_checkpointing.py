@@ -58,9 +58,14 @@ def inputs_require_grad(toy: Toy) -> Toy:
     return toy
 
 
+def sum_of_sequence_means(model, batch):
+    """The toy's loss is the mean over sequences of each one's mean token loss."""
+    return model(**batch)["loss"] * batch["input_ids"].shape[0]
+
+
 def statistics(model, **kw):
     return lora_da.collect_statistics(model, random_batches([3, 2, 4]), target_modules=["up", "down"],
-                                      progress=False, **kw)
+                                      loss_fn=sum_of_sequence_means, progress=False, **kw)
 
 
 def plain_names(mapping):

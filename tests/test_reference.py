@@ -117,9 +117,11 @@ def assert_matches_reference(stats, expected, cfg):
         if cfg.output_fisher == "sequence_lowrank":
             torch.testing.assert_close(stats.sequence_factor(name), want["P"], rtol=1e-10, atol=1e-14)
     factors = lora_da.solve(stats, cfg, progress=False)
+    # the randomized solver stops at a residual of solver_tolerance: B A follows within the eigengap's factor
+    bound = 10 * cfg.solver_tolerance if cfg.solver == "randomized" else 1e-7
     for name in expected:
         ba = factors[name].lora_B @ factors[name].lora_A
-        assert relative(ba, reference_ba(expected[name], cfg, 40)) < 1e-7, name
+        assert relative(ba, reference_ba(expected[name], cfg, 40)) < bound, name
 
 
 CASES = [

@@ -18,6 +18,13 @@ def few_tokens():
     return lora_da.collect_statistics(tiny_llama(seed=11), batches, CFG, progress=False)
 
 
+@pytest.fixture
+def span_always_pays(monkeypatch):
+    """The tiny model's inputs (n = 24 and 40, s = 20) cost less in the full solve
+    (``token_space_pays``); these tests check the span's math, so it is taken wherever it applies."""
+    monkeypatch.setattr(sys.modules["lora_da.solve"], "token_space_pays", lambda *args: True)
+
+
 def full_space(monkeypatch, stats, **overrides):
     """The same solve with the token space switched off (no input qualifies)."""
     monkeypatch.setattr(sys.modules["lora_da.solve"], "TOKEN_BASIS_OVERSAMPLING", 10**9)
@@ -29,6 +36,7 @@ def relative_ba_error(got, want):
     return float((ba - want_ba).norm() / want_ba.norm())
 
 
+@pytest.mark.usefixtures("span_always_pays")
 @pytest.mark.parametrize("variance_weight", [0.0, 0.03, 1.0])
 def test_token_space_solve_equals_the_full_solve(monkeypatch, variance_weight):
     stats = few_tokens()
@@ -48,6 +56,7 @@ def test_token_space_solve_equals_the_full_solve(monkeypatch, variance_weight):
                                    torch.eye(4, dtype=torch.float64), atol=1e-10, rtol=0)
 
 
+@pytest.mark.usefixtures("span_always_pays")
 def test_gradients_outside_the_counted_tokens_keep_the_full_solve(monkeypatch):
     """token_mask='labels' leaves the prompt's tokens out of Z, and in the first layer their output
     gradients (which later tokens' attention passes back) put rows of G outside the span of the
@@ -90,6 +99,7 @@ def test_statistics_whose_z_outranks_their_token_count_keep_the_full_solve(monke
         assert relative_ba_error(fast[name], want[name]) <= 1e-12, name
 
 
+@pytest.mark.usefixtures("span_always_pays")
 @pytest.mark.parametrize("options", [
     {"output_damping_ratio": 0.1},
     {"normalize_variance_guidance": True, "variance_weight": 0.5},
@@ -113,3 +123,58 @@ def test_token_space_honours_the_authors_options(monkeypatch, options):
     changed = [name for name in want if relative_ba_error(plain[name], want[name]) > 1e-3
                or not torch.allclose(plain[name].lora_A, want[name].lora_A, rtol=1e-3)]
     assert changed, "the option changed no factor"
+
+
+def test_the_span_is_taken_where_its_counted_cost_is_lower():
+    """n = 1024 with T = 1000 tokens: the span's range finder and s x s eigenproblems cost more
+    than the full solve (the randomized solve was the faster, 0.70 s against 4.27 s), and Z's null
+    space (24 directions) is narrow enough for the randomized solver; with T = 100, or at n = 4096
+    with 300 tokens, the span costs a fraction; at T = 700 the randomized solver would stall."""
+    from lora_da.solve import token_space_pays
+
+    assert not token_space_pays(1024, 1000, [1024], "randomized", 16)
+    assert token_space_pays(1024, 100, [1024], "randomized", 16)
+    assert token_space_pays(1024, 700, [1024], "randomized", 16)
+    assert not token_space_pays(1024, 700, [1024], "exact", 16)  # the exact solve is exact either way, and cheaper
+    assert token_space_pays(4096, 300, [4096, 1024, 1024], "exact", 16)
+    assert not token_space_pays(24, 12, [24, 8, 8], "exact", 12)  # the tiny model's: the full solve is cheaper
+    assert not token_space_pays(100, 92, [100], "exact", 12)  # s = T + 8 = n: no span to take
+
+
+@pytest.mark.usefixtures("span_always_pays")
+def test_fp32_statistics_keep_the_full_solve_on_both_sides_of_n():
+    """In fp32 the span would drop G's rounding outside it, which the full solve amplifies by
+    1 / damping: the two differ beyond rounding, so fp32 statistics always take the full solve and
+    the factors do not jump as T crosses n - 8."""
+    batches = random_batches([2], seed=12, max_len=7)
+    stats = lora_da.collect_statistics(tiny_llama(seed=11, dtype=torch.float32), batches, CFG, progress=False)
+    assert stats.num_tokens == 12 and stats.dtype == torch.float32
+    factors = lora_da.solve(stats, CFG, progress=False)
+    assert not any(info["token_space"] for info in factors.report.values())
+
+
+@pytest.mark.usefixtures("span_always_pays")
+def test_stacks_within_the_budget_give_the_same_subspaces_and_probes_are_released(monkeypatch):
+    solve_module = sys.modules["lora_da.solve"]
+    stats = few_tokens()
+    made = []
+    original = solve_module.InputFactors.__init__
+
+    def keep(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(solve_module.InputFactors, "__init__", keep)
+    names = [name for name in stats.modules if stats.modules[name].g_sum.shape == (24, 24)]
+    found = {}
+    for budget in (2**31, 1):  # 1 byte: one module per stack
+        factors = solve_module.InputFactors(stats, CFG.damping, torch.device("cpu"))
+        found[budget] = solve_module.token_space_subspaces(stats, names, factors, CFG, [CFG.variance_weight],
+                                                           CFG.rank, 50, budget=budget)
+    assert found[1].keys() == found[2**31].keys() == set(names)
+    for name in names:
+        torch.testing.assert_close(found[1][name][CFG.variance_weight].v, found[2**31][name][CFG.variance_weight].v,
+                                   rtol=1e-10, atol=1e-12)
+    made.clear()
+    lora_da.solve(stats, CFG, progress=False)
+    assert len(made) == 1 and not made[0].probes  # every Gaussian of the span released with its last chunk
