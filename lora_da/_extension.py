@@ -44,7 +44,10 @@ def fisher_update(
     """CUDA version of ``reference.fisher_update`` (cuBLAS GEMMs for G and for Z's upper-triangular
     blocks, y in a fixed order; Z is written on and above its diagonal blocks only; with
     ``counted`` Z's products read the first ``counted`` rows, else the inputs times the mask).
-    x: [B, L, n]; mask: [B, L]; grads[k]: [B, L, m_k]."""
+    x: [B, L, n]; mask: [B, L]; grads[k]: [B, L, m_k]. The op sums Z into fp32 only (cuBLAS
+    writes fp32 outputs): an fp64 Z gets each call's fp32 sums from a zeroed fp32 [n, n] scratch,
+    the massive features summed in fp64 apart (``massive.add_split_gram``)."""
+    from .kernels.massive import add_split_gram
     from .kernels.reference import write_sequence_sums
 
     batch, length, n = x.shape
@@ -56,6 +59,14 @@ def fisher_update(
 
     xs, gs = rows(x), [rows(g) for g in grads]
     flat_mask = mask.reshape(tokens)
+    if input_factor is not None and input_factor.dtype == torch.float64:
+        def add_rest(rest: torch.Tensor) -> None:
+            partial = torch.zeros_like(input_factor, dtype=torch.float32)
+            ops().fisher_update_(rest, flat_mask, [], partial, [], [], counted)
+            input_factor.add_(partial)
+
+        add_split_gram(input_factor, xs, flat_mask, counted, add_rest)
+        input_factor = None
     ops().fisher_update_(xs, flat_mask, gs, input_factor, list(gradients), list(output_factors), counted)
     if sequence_sums is not None:
         for g, out in zip(gs, sequence_sums):

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from .config import INPUT_FACTOR_DTYPES
+
 EXIT_BAD_INPUT = 2
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 
@@ -97,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16", "float64"],
                       help="model dtype (default bfloat16)")
     plan.add_argument("--max-memory", metavar="BYTES", help="bytes for the statistics, or 'auto' (default: unbounded)")
-    plan.add_argument("--input-factor-dtype", default="float64", choices=["float32", "float64"])
+    plan.add_argument("--input-factor-dtype", default="auto", choices=list(INPUT_FACTOR_DTYPES))
     plan.add_argument("--buffer-tokens", metavar="N", type=int, default=4096)
 
     # listed for --help; main() hands everything after "demo" to the demo's own parser

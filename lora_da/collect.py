@@ -398,8 +398,7 @@ class _Collector:
         dtype = torch.promote_types(torch.float32, x.dtype)
         if key not in self.inputs:
             n = x.shape[-1]
-            z_dtype = torch.promote_types(getattr(torch, self.cfg.input_factor_dtype), dtype)
-            self.inputs[key] = InputStatistics(tuple(modules), x.new_zeros((n, n), dtype=z_dtype), 0)
+            self.inputs[key] = InputStatistics(tuple(modules), x.new_zeros((n, n), dtype=z_dtype(self.cfg, dtype)), 0)
             self.token_tensors[key] = torch.zeros((), dtype=torch.int64, device=x.device)
         self.token_tensors[key] += mask.sum()
         names = [m for m in event.grads]
@@ -430,7 +429,10 @@ class _Collector:
             seq = [x.new_empty((x.shape[0], g.shape[-1]), dtype=dtype) for g in grads.values()]
         impl = dispatch.resolve("fisher_update", self.cfg.backend, x.device, x.dtype)
         z_sum = self.inputs[key].z_sum
-        if z_sum.dtype != dtype and impl.backend != "torch":  # the kernels sum Z in fp32 only
+        if z_sum.dtype == torch.float64 and impl.backend != "torch" and (
+                self.cfg.input_factor_dtype == "float64" or x.dtype == torch.float32):
+            # fp64 products through PyTorch: asked for, or fp32 inputs, whose products the kernels
+            # would round (the kernels' fp64 path needs products that are exact in fp32: fp16, bf16)
             dispatch.find("fisher_update", "torch").fn(x, mask, [], z_sum, [], [], counted=counted)
             z_sum = None
         impl.fn(x, mask, list(grads.values()), z_sum, [self.modules[m].g_sum for m in names],
@@ -577,6 +579,7 @@ class MemoryPlan:
     buffer_bytes: List[int]  # per pass: the token buffers at their chunk
     model_bytes: int  # the model's parameters and buffers (from their shapes: on the meta device too)
     budget: Optional[int]  # max_memory in bytes, None = unbounded
+    z_summation: str = "float64"  # input_factor_dtype, with the dtype of Z's sums
 
     @property
     def passes(self) -> int:
@@ -592,7 +595,7 @@ class MemoryPlan:
         gib = 2**30
         budget = "unbounded" if self.budget is None else f"{self.budget / gib:.2f} GiB"
         lines = [f"LoRA-DA collection plan: {sum(map(len, self.groups))} modules in {self.passes} pass(es), "
-                 f"max_memory {budget}"]
+                 f"max_memory {budget}; Z summed as {self.z_summation}"]
         for index, group in enumerate(self.groups):
             lines.append(f"  pass {index + 1}: {len(group)} modules ({group[0]} .. {group[-1]}), statistics "
                          f"{self.accumulator_bytes[index] / gib:.2f} GiB, buffers {self.buffer_bytes[index] / gib:.2f} GiB "
@@ -601,6 +604,13 @@ class MemoryPlan:
                      f"{self.peak_bytes / gib:.2f} GiB (model {self.model_bytes / gib:.2f} GiB, plus one batch's "
                      "activations)")
         return "\n".join(lines)
+
+
+def z_dtype(cfg: LoraDAConfig, element: torch.dtype) -> torch.dtype:
+    """The dtype of Z's sums for inputs whose statistics are summed in ``element``: fp64 for
+    ``input_factor_dtype`` float64 and auto, else the wider of fp32 and ``element``."""
+    wanted = torch.float32 if cfg.input_factor_dtype == "float32" else torch.float64
+    return torch.promote_types(wanted, element)
 
 
 def plan_memory(model: nn.Module, cfg: Optional[LoraDAConfig] = None, max_memory: Union[int, str, None] = None,
@@ -613,7 +623,7 @@ def plan_memory(model: nn.Module, cfg: Optional[LoraDAConfig] = None, max_memory
     param = next(model.parameters(), None)
     x_dtype = param.dtype if param is not None else torch.float32
     element = torch.promote_types(torch.float32, x_dtype)
-    z_element = torch.promote_types(getattr(torch, cfg.input_factor_dtype), element)
+    z_element = z_dtype(cfg, element)
     budget = memory_budget(max_memory, execution_device(model))
     groups = plan_groups(targets, element.itemsize, z_element.itemsize, budget)
     chunks, accumulators, buffers = [], [], []
@@ -626,7 +636,8 @@ def plan_memory(model: nn.Module, cfg: Optional[LoraDAConfig] = None, max_memory
         chunks.append(chunk_tokens(members, cfg.buffer_tokens, x_dtype.itemsize, left))
         buffers.append(chunks[-1] * buffer_token_bytes(members, x_dtype.itemsize))
     model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    return MemoryPlan(groups, chunks, accumulators, buffers, model_bytes, budget)
+    summation = f"{cfg.input_factor_dtype} ({str(z_element).replace('torch.', '')} sums)"
+    return MemoryPlan(groups, chunks, accumulators, buffers, model_bytes, budget, summation)
 
 
 def memory_budget(max_memory: Union[int, str, None], device: torch.device) -> Optional[int]:

@@ -10,7 +10,7 @@ OUTPUT_FISHERS = ("diagonal", "sequence_lowrank")
 SOLVERS = ("auto", "exact", "randomized")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 SMALL_EIGH_PLACES = ("host", "device")
-INPUT_FACTOR_DTYPES = ("float32", "float64")
+INPUT_FACTOR_DTYPES = ("auto", "float32", "float64")
 DAMPING_MODES = ("absolute", "relative")
 
 
@@ -19,10 +19,14 @@ class LoraDAConfig:
     """Settings of one LoRA-DA initialisation.
 
     Paper symbols: ``rank`` = r, ``bias_weight`` = alpha, ``variance_weight`` = beta,
-    ``damping`` = lambda, ``gamma`` = gamma, ``population_size`` = N. ``input_factor_dtype``: the
-    dtype the products and sums of Z are computed in (the input's own when that is wider): in
-    float32 their rounding noise, about eps32 * ||Z||, can exceed lambda, and the solve then damps
-    each input at its rounding floor instead (see ``solve.rounding_floor``). ``buffer_tokens``: the
+    ``damping`` = lambda, ``gamma`` = gamma, ``population_size`` = N. ``input_factor_dtype``: how
+    Z is summed. ``float64``: fp64 products and sums (through PyTorch where the kernels run).
+    ``float32``: fp32 sums (the input's dtype when wider); their rounding noise, about
+    eps32 * ||Z||, can exceed lambda, and the solve then damps each input at its rounding floor
+    instead (see ``solve.rounding_floor``). ``auto``: fp64 sums; where the kernels run on fp16 or
+    bf16 inputs (whose products fp32 holds exactly), they add each call's fp32 sums into them and
+    sum the massive features' rows and columns in fp64 (``kernels.massive``), elsewhere as
+    ``float64``. ``buffer_tokens``: the
     tokens of each distinct input gathered across micro-batches before the statistics op runs on
     them as one chunk (fewer where the buffers would exceed an eighth of the accumulators' bytes or
     what ``max_memory`` leaves; 0: the op runs on each micro-batch). ``solver_mixed_precision``:
@@ -53,7 +57,7 @@ class LoraDAConfig:
     normalize_delta: bool = True
     token_mask: str = "attention"
     output_fisher: str = "diagonal"
-    input_factor_dtype: str = "float64"
+    input_factor_dtype: str = "auto"
     buffer_tokens: int = 4096
     shard_statistics: bool = False
     deterministic: bool = False

@@ -1,6 +1,7 @@
 """The ``lora-da`` command on the golden tiny model with a JSONL written here."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,11 @@ def test_plan_for_a_70b_shape_runs_from_its_config(tmp_path, capsys):
     assert cli.main(["plan", "--model", str(tmp_path), "--max-memory", str(80 * 2**30)]) == 0
     printed = capsys.readouterr().out
     assert "560 modules in" in printed and "expected peak on the device" in printed
+    assert "Z summed as auto (float64 sums)" in printed  # the default's memory
+
+    def total_gib(text: str) -> float:
+        return float(re.search(r"statistics ([0-9.]+) GiB in all", text).group(1))
+
+    assert cli.main(["plan", "--model", str(tmp_path), "--input-factor-dtype", "float32"]) == 0
+    single = capsys.readouterr().out
+    assert "Z summed as float32 (float32 sums)" in single and total_gib(single) < total_gib(printed)

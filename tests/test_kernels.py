@@ -155,17 +155,20 @@ def test_kernel_accumulates_over_calls(backend):
 @pytest.mark.skipif(not BACKENDS, reason="no kernel backend can run here")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fisher", ["sequence_lowrank", "diagonal"])
-@pytest.mark.parametrize("input_factor_dtype,buffer_tokens", [("float64", 0), ("float32", 0), ("float32", 4096)],
-                         ids=["fp64 Z", "fp32 Z", "fp32 Z, compacted chunks"])
+@pytest.mark.parametrize("input_factor_dtype,buffer_tokens",
+                         [("float64", 0), ("float32", 0), ("float32", 4096), ("auto", 0), ("auto", 4096)],
+                         ids=["fp64 Z", "fp32 Z", "fp32 Z, compacted chunks", "auto Z", "auto Z, compacted chunks"])
 def test_collect_statistics_with_backend_equals_torch(backend, fisher, input_factor_dtype, buffer_tokens, monkeypatch):
-    """fp32 Z goes through the kernel (fp64 Z stays on torch); with buffering (``diagonal`` only)
-    the kernels read compacted chunks gathered across batches."""
+    """fp32 and auto Z go through the kernel (``float64`` Z stays on torch; auto on a half-precision
+    model, whose products fp32 holds exactly); with buffering (``diagonal`` only) the kernels read
+    compacted chunks gathered across batches."""
     import lora_da
     from conftest import random_batches, tiny_llama
     from lora_da import collect
 
     monkeypatch.setattr(collect, "BUFFER_SHARE_OF_ACCUMULATORS", 1e6)  # chunks as large as asked on a tiny model
-    model = tiny_llama(seed=30, dtype=torch.float32).to(DEVICE)
+    half = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+    model = tiny_llama(seed=30, dtype=half if input_factor_dtype == "auto" else torch.float32).to(DEVICE)
     batches = random_batches([2, 3, 4], seed=31, padding="left")
     cfg = lora_da.LoraDAConfig(output_fisher=fisher, token_mask="labels", input_factor_dtype=input_factor_dtype,
                                buffer_tokens=buffer_tokens, population_size=9)
@@ -182,6 +185,8 @@ def test_collect_statistics_with_backend_equals_torch(backend, fisher, input_fac
     calls.clear()
     got = lora_da.collect_statistics(model, batches, cfg, backend=backend, progress=False)
     assert bool(calls) == (input_factor_dtype == "float64")  # the torch reference is asked for fp64 Z only
+    wanted = torch.float32 if input_factor_dtype == "float32" else torch.float64
+    assert all(e.z_sum.dtype == wanted for e in got.inputs.values())
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()

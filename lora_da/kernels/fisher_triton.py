@@ -9,7 +9,9 @@ Two kernels per call:
     into the programs of the first column of tiles.
 Both are autotuned per shape, dtype and token bucket (``token_bucket``: calls see a few hundred
 tokens unbuffered and thousands from the collector's buffers).
-Accumulation is fp32; fp32 inputs use IEEE products (no TF32). Under ``TRITON_INTERPRET=1`` tiles
+Accumulation is fp32; fp32 inputs use IEEE products (no TF32). Into an fp64 Z each call's fp32 sums
+are added in fp64, and the massive features' rows and columns are summed in fp64 apart
+(``massive.add_split_gram``). Under ``TRITON_INTERPRET=1`` tiles
 are cast to fp32 after loading (the interpreter computes bf16 wrongly), and each call runs one
 config (``triton_setup.tile_prune``: the GPU's tiles on problems that span more than one).
 """
@@ -22,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .massive import add_split_gram
 from .reference import write_sequence_sums
 from .triton_setup import AUTOTUNE_EXTRA, INTERPRET, configs, on_device, tile_prune
 
@@ -78,11 +81,11 @@ def _add_product(acc, a, b, IEEE: tl.constexpr, CAST_F32: tl.constexpr):
     return acc + tl.dot(tl.trans(a), b)
 
 
-@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY", "T_BUCKET", "COMPACTED"], restore_value=["z_ptr"],
+@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY", "Z_KEY", "T_BUCKET", "COMPACTED"], restore_value=["z_ptr"],
                  prune_configs_by=tile_prune({"BLOCK_N": "n"}), **AUTOTUNE_EXTRA)
 @triton.jit
-def _z_upper_kernel(x_ptr, order_ptr, count_ptr, count_value, z_ptr, n, stride_xt, stride_zn, DTYPE_KEY, T_BUCKET,
-                    COMPACTED: tl.constexpr, IEEE: tl.constexpr, CAST_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+def _z_upper_kernel(x_ptr, order_ptr, count_ptr, count_value, z_ptr, n, stride_xt, stride_zn, DTYPE_KEY, Z_KEY,
+                    T_BUCKET, COMPACTED: tl.constexpr, IEEE: tl.constexpr, CAST_F32: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_T: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr):
     num_tiles = tl.cdiv(n, BLOCK_N)
     if COMPACTED:  # the counted tokens are the first count_value rows
@@ -108,7 +111,8 @@ def _z_upper_kernel(x_ptr, order_ptr, count_ptr, count_value, z_ptr, n, stride_x
             acc = _add_product(acc, a, b, IEEE, CAST_F32)
         z_ptrs = z_ptr + cols_i[:, None].to(tl.int64) * stride_zn + cols_j[None, :]  # n^2 may pass 2^31
         inside = (cols_i[:, None] < n) & (cols_j[None, :] < n)
-        tl.store(z_ptrs, tl.load(z_ptrs, mask=inside, other=0.0) + acc, mask=inside)
+        z = tl.load(z_ptrs, mask=inside, other=0.0)
+        tl.store(z_ptrs, z + acc.to(z.dtype), mask=inside)  # fp32 sums added in Z's dtype (fp32 or fp64)
 
 
 @triton.autotune(configs=_G_CONFIGS, key=["m", "n", "DTYPE_KEY", "T_BUCKET"], restore_value=["g_ptr", "y_ptr"],
@@ -172,6 +176,17 @@ def counted_order(mask: torch.Tensor):
     return order, flat.sum(dtype=torch.int32).reshape(1)
 
 
+def _add_upper_gram(xs: torch.Tensor, mask: torch.Tensor, z: torch.Tensor, counted: Optional[int], key: int,
+                    bucket: int) -> None:
+    """Upper triangle of z [n, n] (fp32 or fp64) += the fp32 sums of xs [T, n]'s counted rows."""
+    n = xs.shape[1]
+    order, count = (xs, xs) if counted is not None else counted_order(mask)  # xs: unread stand-ins
+    grid = functools.partial(_z_grid, n=n, sms=_multiprocessors(xs.device))
+    _z_upper_kernel[grid](xs, order, count, counted or 0, z, n, xs.stride(0), z.stride(0), key,
+                          int(z.dtype == torch.float64), bucket, COMPACTED=counted is not None,
+                          IEEE=xs.dtype == torch.float32, CAST_F32=INTERPRET)
+
+
 def fisher_update(
     x: torch.Tensor,
     mask: torch.Tensor,
@@ -184,8 +199,9 @@ def fisher_update(
 ) -> None:
     """Triton version of ``reference.fisher_update``; writes only the upper triangle of Z.
 
-    x: [B, L, n] (fp32/fp16/bf16); mask: [B, L]; grads[k]: [B, L, m_k]; accumulators fp32.
-    With ``counted`` Z reads the first ``counted`` rows directly, else through ``counted_order``.
+    x: [B, L, n] (fp32/fp16/bf16); mask: [B, L]; grads[k]: [B, L, m_k]; G and y fp32, Z fp32 or
+    fp64 (then summed as ``massive.split_gram``). With ``counted`` Z reads the first ``counted``
+    rows directly, else through ``counted_order``.
     """
     batch, length, n = x.shape
     tokens = batch * length
@@ -197,11 +213,12 @@ def fisher_update(
     key, bucket = _dtype_key(x.dtype), token_bucket(tokens)
     with on_device(x.device):
         if input_factor is not None and tokens > 0 and counted != 0:
-            order, count = (xs, xs) if counted is not None else counted_order(mask)  # xs: unread stand-ins
-            grid = functools.partial(_z_grid, n=n, sms=_multiprocessors(x.device))
-            _z_upper_kernel[grid](xs, order, count, counted or 0, input_factor, n, xs.stride(0),
-                                  input_factor.stride(0), key, bucket, COMPACTED=counted is not None, IEEE=ieee,
-                                  CAST_F32=INTERPRET)
+            add_rest = functools.partial(_add_upper_gram, mask=mask, z=input_factor, counted=counted, key=key,
+                                         bucket=bucket)
+            if input_factor.dtype == torch.float64:
+                add_split_gram(input_factor, xs, weights, counted, add_rest)
+            else:
+                add_rest(xs)
         for k, grad in enumerate(grads):
             m = grad.shape[-1]
             gs = grad.reshape(tokens, m)

@@ -1,0 +1,104 @@
+"""Counted cost of summing Z on a GPU at Llama-2 shapes: fp64 products through PyTorch
+(``input_factor_dtype="float64"``) against the kernels' scheme (``"auto"``, the default):
+
+    python benchmarks/input_factor_cost.py                  # 256 x 512 calibration tokens
+
+Counts, not timings: flops per kind of unit, the bytes that must move to and from GPU memory
+(X read once, Z's upper triangle read and written once per call of ``buffer_tokens``; tiles that
+read X again from L2 are not counted), the statistics' Z memory, and the seconds they imply at
+published peak rates (the larger of compute and memory time). Per layer Llama has four distinct
+linear inputs: attention (q, k, v), o_proj, the MLP's (gate, up), each n = hidden, and
+down_proj's, n = intermediate.
+  float64: the reference's upper-triangle panels (GRAM_PANEL rows): n^2 T (1 + GRAM_PANEL / n)
+           fp64 flops; X also written and read as an fp64 copy.
+  float32: the kernels' fp32 sums, as auto without the fp64 parts (Z in fp32, half the bytes).
+  auto:    upper-triangular 128 x 128 tiles on bf16 tensor cores, n^2 T (1 + 128 / n) flops, each
+           call's fp32 sums added into fp64 Z; the massive features' columns, 2 n |D| T fp64 flops
+           on an fp64 copy of X. |D| = 2 on every down_proj input (as on SmolLM2's, RESULTS.md)
+           and 0 elsewhere; "auto, |D| = 16 everywhere" counts the cap (``massive.MAX_MASSIVE``)
+           on every input.
+Writes input_factor_cost.json under $OUT (default ./outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lora_da.kernels.massive import MAX_MASSIVE  # noqa: E402
+from lora_da.kernels.reference import GRAM_PANEL  # noqa: E402
+
+MODELS = {"Llama-2-7B": {"hidden": 4096, "intermediate": 11008, "layers": 32},
+          "Llama-2-70B": {"hidden": 8192, "intermediate": 28672, "layers": 80}}
+# published dense peak rates (TFLOP/s) and memory bandwidth (TB/s)
+GPUS = {"H100 SXM": {"bf16": 989.4, "fp64": 66.9, "bandwidth": 3.35},
+        "RTX 4090": {"bf16": 165.2, "fp64": 1.29, "bandwidth": 1.008}}
+TILE = 128  # the Triton kernel's BLOCK_N on a GPU
+CALL = 4096  # tokens per kernel call (LoraDAConfig.buffer_tokens)
+
+
+def inputs(model: dict) -> list:
+    """(n, massive features) of every distinct linear input of the model."""
+    per_layer = [(model["hidden"], 0)] * 3 + [(model["intermediate"], 2)]
+    return per_layer * model["layers"]
+
+
+def count(path: str, shapes: list, tokens: int) -> dict:
+    """Flops by unit, bytes that must move and Z's bytes of one way of summing Z over ``tokens`` tokens."""
+    calls = -(-tokens // CALL)
+    bf16 = fp64 = moved = 0.0
+    for n, massive in shapes:
+        moved += 2 * tokens * n + calls * 16 * n * n / 2  # X in bf16 once; Z's upper triangle in and out per call
+        if path == "float32":  # the kernels' plain fp32 sums
+            bf16 += n * n * tokens * (1 + TILE / n)
+            moved -= calls * 8 * n * n / 2
+            continue
+        if path == "float64":
+            fp64 += n * n * tokens * (1 + GRAM_PANEL / n)
+            moved += 16 * tokens * n  # its fp64 copy, written and read
+            continue
+        massive = MAX_MASSIVE if path.endswith("everywhere") else massive
+        bf16 += n * n * tokens * (1 + TILE / n)
+        fp64 += calls * n * n / 2 + 2 * n * massive * tokens
+        if massive:
+            moved += 16 * tokens * n + calls * 32 * n * massive  # the fp64 copy; Z's massive rows and columns
+    width = 4 if path == "float32" else 8
+    return {"bf16 flops": bf16, "fp64 flops": fp64, "bytes moved": moved, "Z bytes": sum(width * n * n for n, _ in shapes)}
+
+
+def seconds(counted: dict, gpu: dict) -> dict:
+    compute = counted["bf16 flops"] / (gpu["bf16"] * 1e12) + counted["fp64 flops"] / (gpu["fp64"] * 1e12)
+    memory = counted["bytes moved"] / (gpu["bandwidth"] * 1e12)
+    return {"compute": compute, "memory": memory, "implied": max(compute, memory)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sequences", type=int, default=256)
+    parser.add_argument("--length", type=int, default=512)
+    args = parser.parse_args(argv)
+    tokens = args.sequences * args.length
+    report = {}
+    print(f"{tokens} tokens; counts at published peak rates, not timings")
+    print("| model | Z summed as | bf16 PFLOP | fp64 PFLOP | bytes moved (TB) | Z (GiB) | H100 s | RTX 4090 s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, model in MODELS.items():
+        for path in ("float64", "float32", "auto", "auto, |D| = 16 everywhere"):
+            counted = count(path, inputs(model), tokens)
+            times = {gpu: seconds(counted, rates) for gpu, rates in GPUS.items()}
+            report[f"{name}, {path}"] = {**counted, "seconds": times}
+            print(f"| {name} | {path} | {counted['bf16 flops'] / 1e15:.3f} | {counted['fp64 flops'] / 1e15:.4f} | "
+                  f"{counted['bytes moved'] / 1e12:.2f} | {counted['Z bytes'] / 2**30:.1f} | "
+                  f"{times['H100 SXM']['implied']:.1f} | {times['RTX 4090']['implied']:.1f} |")
+    out = Path(os.environ.get("OUT", ROOT / "outputs"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "input_factor_cost.json").write_text(json.dumps({"args": vars(args), "counts": report}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Ways a GPU kernel can sum Z from bf16 activations, their arithmetic emulated on CPU and
+measured against fp64 sums of the same activations:
+
+    python benchmarks/input_factor_schemes.py                   # the main job's 128 reviews, SmolLM2 in bf16
+    python benchmarks/input_factor_schemes.py --call-tokens 0   # one batch per call (buffer_tokens=0)
+
+SmolLM2-135M-Instruct cast to bf16, the main job's calibration reviews in batches of 8, every
+distinct input of every linear layer but the head, its counted tokens in calls of the collector's
+``buffer_tokens`` (4096; 0: one batch of 8 reviews per call, as collection without buffering) as the
+kernels see them. Products of bf16 values are exact in fp32; the
+schemes differ in how they are summed. ``tile`` is the kernels' BLOCK_T = 64 tokens: one
+tensor-core product of a tile, summed in fp32 inside the instruction.
+  fp32 (the kernels before)    tile products added into an fp32 accumulator per call, that into fp32 Z
+  fp32 per call, fp64 Z        the same accumulator added into fp64 Z at the end of each call
+  fp32 per tile, fp64          every tile product added into fp64 (fp64 registers)
+  (a) int8 slices (Ozaki)      each feature scaled by a power of two and split into 3 int8 slices
+                               (21 bits under the call's largest |x|), the 6 slice products of weight
+                               2^-7k, k <= 2, summed exactly in int32, then into fp64 Z
+  (b) massive features in fp64 the features whose largest |x| in a call is over MASSIVE times the
+                               median feature's: their rows and columns as fp64 products and sums,
+                               the rest as "fp32 per call, fp64 Z" (the chosen scheme,
+                               ``lora_da.kernels.massive``)
+  (c) flagged inputs in fp64   inputs with such a feature summed in fp64 whole, the rest per call
+  (d) compensated pair         tile products added into an (hi, lo) fp32 pair with TwoSum, hi + lo
+                               into fp64 Z at the end of each call
+Per scheme: the largest ||E||_2 / ||Z||_2 over the inputs, the inputs whose Z / T + 1e-6 I is not
+positive definite, the largest damping the solve takes, the largest relative B A difference from
+the solve of fp64 sums over the 210 modules, and the counted cost of summing Z relative to the
+plain bf16 kernel at published peak rates (counts, not timings). Writes
+input_factor_schemes_<call tokens>.json under $OUT (default ./outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import lora_da  # noqa: E402
+from input_factor_precision import layer_inputs, main_job  # noqa: E402
+from lora_da.kernels.massive import MASSIVE, add_massive_columns, massive_features, without_features  # noqa: E402
+
+DAMPING = 1e-6
+TILE = 64  # tokens per tensor-core product (the Triton kernel's BLOCK_T)
+SLICES, SLICE_BITS = 3, 7
+# published dense peak rates, TFLOP/s (TOP/s for int8): bf16 tensor cores with fp32 accumulation,
+# int8 tensor cores with int32 accumulation, fp32 and fp64 units (the H100's fp64 tensor cores)
+RATES = {"H100 SXM": {"bf16": 989.4, "int8": 1978.9, "fp32": 66.9, "fp64": 66.9},
+         "RTX 4090": {"bf16": 165.2, "int8": 660.6, "fp32": 82.6, "fp64": 1.29}}
+SCHEMES = ("fp32 (the kernels before)", "fp32 per call, fp64 Z", "fp32 per tile, fp64", "(a) int8 slices (Ozaki)",
+           "(b) massive features in fp64", "(c) flagged inputs in fp64", "(d) compensated pair", "fp64")
+
+
+def tile_products(x: torch.Tensor):
+    """The fp32 products X_tile^T X_tile [n, n] of x [t, n]'s tiles of TILE tokens."""
+    for start in range(0, len(x), TILE):
+        tile = x[start:start + TILE]
+        yield tile.T @ tile
+
+
+def two_sum(hi: torch.Tensor, lo: torch.Tensor, value: torch.Tensor) -> None:
+    """(hi, lo) += value in fp32, lo carrying each addition's rounding error (Knuth's TwoSum)."""
+    total = hi + value
+    virtual = total - hi
+    lo += (hi - (total - virtual)) + (value - virtual)
+    hi.copy_(total)
+
+
+def int8_slices(x: torch.Tensor) -> tuple:
+    """(slices [SLICES, t, n] of integers in [-127, 127] held in fp64, per-feature scale [n]):
+    x ~ scale * sum_k slices[k] 2^(-SLICE_BITS k), the scale a power of two over the call's largest |x|."""
+    top = x.abs().amax(dim=0).double().clamp_min(torch.finfo(torch.float32).tiny)
+    scale = torch.exp2(torch.ceil(torch.log2(top / 127)))
+    rest, slices = x.double() / scale, []
+    for k in range(SLICES):
+        q = torch.round(rest * 2 ** (SLICE_BITS * k)).clamp(-127, 127)
+        slices.append(q)
+        rest = rest - q / 2 ** (SLICE_BITS * k)
+    return torch.stack(slices), scale
+
+
+def sums(calls: list) -> dict:
+    """Scheme -> what it sums as Z [n, n] (fp64; fp32 for the fp32 accumulator) over the calls'
+    counted rows [t, n] (bf16 values held in fp32), and "massive": the features (b) takes."""
+    n = calls[0].shape[1]
+    out = {s: torch.zeros(n, n, dtype=torch.float32 if s.startswith("fp32 (") else torch.float64) for s in SCHEMES}
+    flagged = torch.zeros(n, dtype=torch.bool)
+    for x in calls:
+        wide = x.double()
+        out["fp64"] += wide.T @ wide
+        acc, hi, lo = torch.zeros(n, n), torch.zeros(n, n), torch.zeros(n, n)
+        for product in tile_products(x):
+            acc += product
+            out["fp32 per tile, fp64"] += product.double()
+            two_sum(hi, lo, product)
+        out["fp32 (the kernels before)"] += acc
+        out["fp32 per call, fp64 Z"] += acc.double()
+        out["(d) compensated pair"] += hi.double() + lo.double()
+        slices, scale = int8_slices(x)
+        exact = sum(2.0 ** (-SLICE_BITS * (a + b)) * (slices[a].T @ slices[b])
+                    for a in range(SLICES) for b in range(SLICES) if a + b < SLICES)
+        out["(a) int8 slices (Ozaki)"] += scale[:, None] * exact * scale[None, :]
+        massive = massive_features(x)
+        flagged[massive] = True
+        acc = sum(tile_products(without_features(x, massive)), torch.zeros(n, n))
+        out["(b) massive features in fp64"] += acc.double()
+        add_massive_columns(out["(b) massive features in fp64"], x, torch.ones(len(x)), massive)
+    out["(c) flagged inputs in fp64"] = out["fp64"] if bool(flagged.any()) else out["fp32 per call, fp64 Z"]
+    out["massive"] = flagged.nonzero().flatten()
+    return out
+
+
+def counted_seconds(shapes: list, scheme: str, rates: dict) -> float:
+    """Seconds at peak rates of one scheme's Z over ``shapes`` [(n, T, calls, massive count)]:
+    products on the upper triangle (n^2 T / 2 multiply-adds), additions into Z or registers."""
+    seconds = 0.0
+    for n, tokens, calls, massive in shapes:
+        products = n * n * tokens  # flops of the upper-triangular products
+        bf16 = products / rates["bf16"]
+        flush = n * n / 2 * calls / rates["fp64"]
+        seconds += {
+            "fp32 (the kernels before)": bf16,
+            "fp32 per call, fp64 Z": bf16 + flush,
+            "fp32 per tile, fp64": bf16 + n * n / 2 * tokens / TILE / rates["fp64"],
+            "(a) int8 slices (Ozaki)": 6 * products / rates["int8"] + flush,
+            "(b) massive features in fp64": bf16 + flush + 2 * n * massive * tokens / rates["fp64"],
+            "(c) flagged inputs in fp64": products / rates["fp64"] if massive else bf16 + flush,
+            "(d) compensated pair": bf16 + 4 * n * n / 2 * tokens / TILE / rates["fp32"] + flush,
+            "fp64": products / rates["fp64"],
+        }[scheme]
+    return seconds / 1e12
+
+
+def spectral_norm(z: torch.Tensor) -> float:
+    """||z||_2 of a symmetric z."""
+    return float(torch.linalg.eigvalsh(z).abs().max())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reviews", type=int, default=128)
+    parser.add_argument("--call-tokens", type=int, default=4096, help="tokens per kernel call; 0: one batch")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    model, batches = main_job(args.reviews)
+    model = model.to(torch.bfloat16)
+    truth = lora_da.collect_statistics(model, batches, population_size=480, progress=False)  # Z: fp64 sums
+    cfg = lora_da.LoraDAConfig(population_size=480)
+    want = lora_da.solve(truth, cfg, progress=False)
+    want_ba = {name: f.lora_B.double() @ f.lora_A.double() for name, f in want.items()}
+    per_input, found = {}, {}
+    for key, rows in layer_inputs(model, batches).items():
+        x = torch.cat(rows)
+        calls = list(x.split(args.call_tokens)) if args.call_tokens else rows
+        summed = sums(calls)
+        massive = summed.pop("massive")
+        tokens = len(x)
+        assert tokens == truth.inputs[key].num_tokens, key
+        exact = summed["fp64"] / tokens
+        norm = spectral_norm(exact)
+        record = {"n": x.shape[1], "tokens": tokens, "calls": len(calls), "massive": massive.tolist(), "norm": norm}
+        for scheme, z in summed.items():
+            z = z.double() / tokens
+            record[scheme] = {"error": spectral_norm(z - exact) / norm,
+                              "smallest eigenvalue": float(torch.linalg.eigvalsh(z)[0])}
+        per_input[key], found[key] = record, summed
+    shapes = [(r["n"], r["tokens"], r["calls"], len(r["massive"])) for r in per_input.values()]
+    table = {}
+    for scheme in SCHEMES:
+        stats = truth.to("cpu")
+        for key in found:
+            stats.inputs[key].z_sum = found[key][scheme]
+        try:
+            got = lora_da.solve(stats, cfg, progress=False)
+            ba = max(float((g.lora_B.double() @ g.lora_A.double() - want_ba[name]).norm() / want_ba[name].norm())
+                     for name, g in got.items())
+            damping = max(got.report["dampings"].values())
+        except RuntimeError as error:  # the Cholesky of an indefinite Z + damping I: the table says so
+            ba, damping = f"fails ({str(error)[:60]}...)", None
+        table[scheme] = {
+            "largest error / eps32": max(r[scheme]["error"] for r in per_input.values()) / torch.finfo(torch.float32).eps,
+            "indefinite at 1e-6": [k for k, r in per_input.items() if r[scheme]["smallest eigenvalue"] + DAMPING <= 0],
+            "largest damping": damping, "largest B A difference": ba,
+            **{f"counted cost, {gpu}": counted_seconds(shapes, scheme, rates)
+               / counted_seconds(shapes, "fp32 (the kernels before)", rates) for gpu, rates in RATES.items()}}
+    flagged = {k: r["massive"] for k, r in per_input.items() if r["massive"]}
+    print(f"{len(per_input)} inputs, {shapes[0][1]} tokens each, in {shapes[0][2]} call(s) of at most "
+          f"{args.call_tokens or 'one batch'}; {len(flagged)} with massive "
+          f"features (largest |x| over {MASSIVE}x the median feature's): {flagged}")
+    for key, r in per_input.items():
+        if r["fp32 (the kernels before)"]["smallest eigenvalue"] + DAMPING <= 0:
+            print(f"  {key}: ||Z||_2 {r['norm']:.3g}, smallest eigenvalue fp64 {r['fp64']['smallest eigenvalue']:.3g}")
+    print("| scheme | largest ||E||_2 / ||Z||_2 (eps32) | Z / T + 1e-6 I indefinite | largest damping "
+          "| largest B A difference | counted cost, H100 | counted cost, RTX 4090 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for scheme, row in table.items():
+        ba, damping = row["largest B A difference"], row["largest damping"]
+        print(f"| {scheme} | {row['largest error / eps32']:.3g} | {len(row['indefinite at 1e-6'])} | "
+              f"{'-' if damping is None else f'{damping:.2g}'} | {ba if isinstance(ba, str) else f'{ba:.2e}'} | "
+              f"{row['counted cost, H100 SXM']:.2f} | {row['counted cost, RTX 4090']:.2f} |")
+    print(f"{time.perf_counter() - start:.0f} s")
+    out = Path(os.environ.get("OUT", ROOT / "outputs"))
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"args": vars(args), "inputs": per_input, "table": table}
+    (out / f"input_factor_schemes_{args.call_tokens}.json").write_text(json.dumps(record, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
