@@ -220,7 +220,7 @@ def lora_one(model, inputs, gamma: float = 1024.0) -> None:
     """LoRA-One: the top-r right singular vectors V of -G (G from one pass, no Fisher, no variance
     term), A = V^T / sqrt(gamma), B = (-G / sigma) V / sqrt(gamma): LoRA-DA's scale."""
     from lora_da.initialize import apply_factors
-    from lora_da.solve import LoraFactors
+    from lora_da.subspaces import LoraFactors
     from lora_da.targets import lora_layers
 
     with model.disable_adapter():

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lora_da  # noqa: E402
-from lora_da.solve import InputFactors, natural_gradient  # noqa: E402
+from lora_da.input_factors import InputFactors  # noqa: E402
+from lora_da.natural_gradient import natural_gradient  # noqa: E402
 from lora_da.statistics import InputStatistics, ModuleStatistics, Statistics  # noqa: E402
 
 TYPES = {  # module -> (input group, out features key, in features key)

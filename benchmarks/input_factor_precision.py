@@ -9,7 +9,7 @@ SmolLM2-135M-Instruct on Rotten Tomatoes reviews (batches of 8), every linear la
    by batch as collection does: fp32 products and sums, fp32 products added into fp64 sums, and
    fp64 throughout (the truth). Per input: ||Z||_2, the noise ||E||_2 / ||Z||_2 of the first two,
    the smallest eigenvalue of each, and whether Z + 1e-6 I (the authors' damping) is positive
-   definite; then the rounding floor ``solve.rounding_floor`` puts on fp32 sums against the noise.
+   definite; then the rounding floor ``input_factors.rounding_floor`` puts on fp32 sums against the noise.
 2. Collection time with ``input_factor_dtype`` float32 and float64, alternated in one process.
 3. One batch's update of Z (243 tokens, the main job's batch) as one full product against the
    reference's upper-triangle panels (``reference.add_upper_gram``), in both dtypes.
@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import lora_da  # noqa: E402
 from lora_da.embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, split  # noqa: E402
-from lora_da.solve import rounding_floor  # noqa: E402
+from lora_da.input_factors import rounding_floor  # noqa: E402
 from lora_da.targets import find_targets  # noqa: E402
 
 DAMPING = 1e-6

@@ -50,7 +50,7 @@ from lora_da import eigensolver  # noqa: E402
 from lora_da.embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, split  # noqa: E402
 from lora_da.eigensolver import on_host_threads  # noqa: E402
 
-SOLVE = sys.modules["lora_da.solve"]
+from lora_da import batched_solver, input_factors, solver, token_space  # noqa: E402
 
 
 def main_job_statistics(model, tokenizer, reviews: int) -> lora_da.Statistics:
@@ -140,15 +140,15 @@ def measured_rates() -> dict:
 
 def solve_with_phases(stats, rank: int, **options) -> dict:
     meter = Meter()
-    meter.time(SOLVE.InputFactors, "stacked_inverses", "input factors", factor_flops)
-    meter.time(SOLVE, "token_space_subspaces", "token space")
-    meter.time(SOLVE._BatchedSolver, "operator", "stacking (includes input factors)")
-    meter.time(SOLVE, "smallest_eigenvectors", "LOBPCG (includes its applies)")
+    meter.time(input_factors.InputFactors, "stacked_inverses", "input factors", factor_flops)
+    meter.time(token_space, "token_space_subspaces", "token space")
+    meter.time(batched_solver.BatchedSolver, "operator", "stacking (includes input factors)")
+    meter.time(batched_solver, "smallest_eigenvectors", "LOBPCG (includes its applies)")
     meter.time(eigensolver.BlockOperator, "omega", "Omega' applies, {dtype}", apply_flops)
-    meter.time(SOLVE, "top_singular_values", "sigma")
+    meter.time(batched_solver, "top_singular_values", "sigma")
     meter.time(eigensolver.BlockOperator, "gram_norms", "||Delta^T Delta||_F", gram_norm_flops)
-    meter.time(SOLVE._BatchedSolver, "delta_norm2", "diagnostics: ||Delta||_F^2 estimate")
-    meter.time(SOLVE, "diagnose", "diagnostics: e(A), share, objective")
+    meter.time(batched_solver.BatchedSolver, "delta_norm2", "diagnostics: ||Delta||_F^2 estimate")
+    meter.time(solver, "diagnose", "diagnostics: e(A), share, objective")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

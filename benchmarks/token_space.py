@@ -32,7 +32,7 @@ def synthetic(tokens: int, seed: int = 0) -> Statistics:
 
 def timed(stats: Statistics, span: bool | None, repeats: int) -> tuple:
     """(median seconds, whether the span was taken) of ``solve``: as chosen (None) or forced."""
-    module = sys.modules["lora_da.solve"]
+    module = sys.modules["lora_da.token_space"]
     chosen = module.token_space_pays
     if span is not None:
         module.token_space_pays = lambda *args: span

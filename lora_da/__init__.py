@@ -2,7 +2,8 @@
 from .collect import MemoryPlan, collect_statistics, plan_memory
 from .config import LoraDAConfig
 from .initialize import InitReport, initialize
-from .solve import Factors, LoraFactors, solve, solve_sweep
+from .solver import solve, solve_sweep
+from .subspaces import Factors, LoraFactors
 from .statistics import InputStatistics, ModuleStatistics, Statistics
 
 __version__ = "0.1.0"

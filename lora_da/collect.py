@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import dispatch, distributed
 from .config import LoraDAConfig, resolve_config
-from .statistics import InputStatistics, ModuleStatistics, Statistics
+from .statistics import Z_FP32_TILES, InputStatistics, ModuleStatistics, Statistics
 from .targets import Target, find_targets, is_bitsandbytes_4bit
 
 logger = logging.getLogger(__name__)
@@ -294,6 +294,7 @@ class _Collector:
         # tokens per op call, gathered across micro-batches (0: each event at once); per-sequence
         # sums need each batch's layout, so sequence_lowrank runs each event at once
         self.chunk = 0 if cfg.output_fisher == "sequence_lowrank" else chunk
+        self.fp32_tiles = False  # whether a kernel summed Z from fp32 tile sums (``kernels.massive``)
         self.buffers: Dict[str, _TokenBuffer] = {}  # input key -> its gathered tokens
         self.events: List[_Event] = []
         self.batch_mask: Optional[torch.Tensor] = None
@@ -435,6 +436,7 @@ class _Collector:
             # would round (the kernels' fp64 path needs products that are exact in fp32: fp16, bf16)
             dispatch.find("fisher_update", "torch").fn(x, mask, [], z_sum, [], [], counted=counted)
             z_sum = None
+        self.fp32_tiles |= z_sum is not None and z_sum.dtype == torch.float64 and impl.backend != "torch"
         impl.fn(x, mask, list(grads.values()), z_sum, [self.modules[m].g_sum for m in names],
                 [self.modules[m].y_sum for m in names], seq, counted=counted)
         if seq is not None:
@@ -498,6 +500,7 @@ class _Collector:
             population_size=population_size,
             token_mask=self.cfg.token_mask,
             output_fisher=self.cfg.output_fisher,
+            config={Z_FP32_TILES: self.fp32_tiles},
         )
 
 
@@ -563,7 +566,7 @@ def collect_statistics(
         source = _population_size(cfg, loader, stats.num_sequences)[1]
         warnings.warn(f"lora_da: {population_size_warning(stats.population_size, source)}", UserWarning, stacklevel=2)
     stats.passes = memory.passes
-    stats.config = config_record(cfg)
+    stats.config = {**config_record(cfg), Z_FP32_TILES: any(part.config.get(Z_FP32_TILES, False) for part in parts)}
     return stats
 
 

@@ -23,7 +23,7 @@ class LoraDAConfig:
     Z is summed. ``float64``: fp64 products and sums (through PyTorch where the kernels run).
     ``float32``: fp32 sums (the input's dtype when wider); their rounding noise, about
     eps32 * ||Z||, can exceed lambda, and the solve then damps each input at its rounding floor
-    instead (see ``solve.rounding_floor``). ``auto``: fp64 sums; where the kernels run on fp16 or
+    instead (see ``input_factors.rounding_floor``). ``auto``: fp64 sums; where the kernels run on fp16 or
     bf16 inputs (whose products fp32 holds exactly), they add each call's fp32 sums into them and
     sum the massive features' rows and columns in fp64 (``kernels.massive``), elsewhere as
     ``float64``. ``buffer_tokens``: the

@@ -12,7 +12,8 @@ from torch import nn
 
 from .collect import collect_statistics, execution_device, population_size_warning
 from .config import LoraDAConfig, resolve_config
-from .solve import LoraFactors, check_ranks, solve
+from .solver import check_ranks, solve
+from .subspaces import LoraFactors
 from .statistics import Statistics
 from .targets import linear_shape, lora_layers, matches
 
@@ -73,7 +74,7 @@ class InitReport:
 
 
 def _median_and_min(figures: List[Dict[str, float]]) -> str:
-    """Median and minimum of the input energy and captured share over modules (``solve.diagnose``)."""
+    """Median and minimum of the input energy and captured share over modules (``subspaces.diagnose``)."""
     parts = []
     for key, label in (("input_energy", "input energy e(A)"), ("captured_share", "share of |Delta_hat|^2")):
         values = torch.tensor([f[key] for f in figures])

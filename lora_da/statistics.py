@@ -11,6 +11,9 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 FORMAT_VERSION = 1
+# key of ``Statistics.config``: True where the kernels summed Z from fp32 tile sums into fp64
+# (``input_factor_dtype="auto"`` on bf16/fp16 GPU inputs, ``kernels.massive``)
+Z_FP32_TILES = "z_fp32_tiles"
 
 
 @dataclass
@@ -42,7 +45,7 @@ class Statistics:
     population_size: int  # N used by solve unless the config sets one
     token_mask: str
     output_fisher: str
-    config: Dict[str, object] = field(default_factory=dict)  # the collection's LoraDAConfig fields
+    config: Dict[str, object] = field(default_factory=dict)  # the collection's LoraDAConfig fields and Z_FP32_TILES
     passes: int = 1  # passes over the calibration data that collected these (memory budget)
     # sharded by owner (``shard_statistics`` under torch.distributed): every module of the model ->
     # [rank that holds its sums and solves it, m, n]; this rank's ``modules`` and ``inputs`` are its own

@@ -8,7 +8,8 @@ import torch
 
 import lora_da
 from conftest import random_batches, tiny_llama
-from lora_da.solve import InputFactors, natural_gradient
+from lora_da.input_factors import InputFactors
+from lora_da.natural_gradient import natural_gradient
 
 CFG = lora_da.LoraDAConfig(rank=3, damping=1e-4, population_size=20)
 
@@ -57,7 +58,7 @@ def test_randomized_solver_diagnostics_agree_with_the_exact_ones(stats):
 
 def test_randomized_estimate_of_the_delta_norm_is_unbiased(stats, monkeypatch):
     """With many probes the estimate of ||Delta_hat||_F^2 converges to the exact value."""
-    monkeypatch.setattr(sys.modules["lora_da.solve"], "DELTA_NORM_PROBES", 4000)
+    monkeypatch.setattr(sys.modules["lora_da.batched_solver"], "DELTA_NORM_PROBES", 4000)
     exact = lora_da.solve(stats, CFG, solver="exact", progress=False).report
     randomized = lora_da.solve(stats, CFG, solver="randomized", progress=False).report
     for shape, info in exact.items():

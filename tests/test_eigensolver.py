@@ -15,7 +15,7 @@ from lora_da.eigensolver import (
     top_singular_values,
     unconverged_columns,
 )
-from lora_da.solve import solve_batch_modules
+from lora_da.batched_solver import solve_batch_modules
 
 
 def problem(n, m, spread, deficient_rank=None, seed=0):
@@ -225,7 +225,7 @@ def test_mixed_precision_keeps_the_operator_in_range():
 
 
 def test_auto_picks_by_size():
-    from lora_da.solve import AUTO_RANDOMIZED_MIN_N, resolve_solver
+    from lora_da.batched_solver import AUTO_RANDOMIZED_MIN_N, resolve_solver
 
     assert resolve_solver("auto", AUTO_RANDOMIZED_MIN_N) == "randomized"
     assert resolve_solver("auto", AUTO_RANDOMIZED_MIN_N - 1) == "exact"
@@ -255,9 +255,9 @@ def test_batches_bounded_in_memory_give_the_same_factors(monkeypatch, limit):
     cfg = lora_da.LoraDAConfig(rank=4, damping=1e-4, population_size=50, solver="randomized")
     whole = lora_da.solve(stats, cfg, progress=False)
     if limit == "bytes":  # one module per batch
-        monkeypatch.setattr(sys.modules["lora_da.solve"], "solve_batch_bytes", lambda device: 1)
+        monkeypatch.setattr(sys.modules["lora_da.batched_solver"], "solve_batch_bytes", lambda device: 1)
     else:  # two
-        monkeypatch.setattr(sys.modules["lora_da.solve"], "solve_batch_modules", lambda device, n, columns: 2)
+        monkeypatch.setattr(sys.modules["lora_da.batched_solver"], "solve_batch_modules", lambda device, n, columns: 2)
     alone = lora_da.solve(stats, cfg, progress=False)
     assert {k: v["modules"] for k, v in alone.report.items()} == {k: v["modules"] for k, v in whole.report.items()}
     for name in whole:
@@ -270,7 +270,7 @@ def test_factors_made_on_host_threads_equal_those_made_one_at_a_time():
     """``InputFactors.stacked_inverses`` (Cholesky factors and inverses side by side on host
     threads, written into one stack) against the lazy path, input by input, with fp32 sums damped
     at their rounding floor."""
-    from lora_da.solve import InputFactors, rounding_floor
+    from lora_da.input_factors import InputFactors, rounding_floor
 
     stats = lora_da.collect_statistics(tiny_llama(seed=6, dtype=torch.float32), random_batches([4, 4], seed=7),
                                        input_factor_dtype="float32", progress=False)
@@ -287,7 +287,8 @@ def test_factors_made_on_host_threads_equal_those_made_one_at_a_time():
         assert torch.equal(together.factors[key], alone.factors[key])
         assert torch.equal(together.inverses[key], alone.inverses[key])
         assert torch.equal(stack[keys.index(key)], alone.inverses[key])
-        zd = z + together.dampings[key] * torch.eye(z.shape[0], dtype=torch.float64)
+        sums = stats.inputs[key].z_sum.double() / stats.inputs[key].num_tokens  # the one Zd of factor and preconditioner
+        zd = sums + together.dampings[key] * torch.eye(z.shape[0], dtype=torch.float64)
         assert torch.equal(together.damped(key), zd)
 
 

@@ -67,7 +67,7 @@ def test_measured_figures_live_in_results_not_in_code(path):
 def test_one_cholesky_of_the_input_factors():
     """Both solvers and every batch of modules reach an input's Zd through ``InputFactors``, whose
     one factorisation calls ``damped_cholesky``."""
-    tree = ast.parse((ROOT / "lora_da" / "solve.py").read_text())
+    tree = ast.parse((ROOT / "lora_da" / "input_factors.py").read_text())
     callers = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
                and any(isinstance(call, ast.Call) and ast.unparse(call.func).endswith("damped_cholesky")
                        for call in ast.walk(node))]

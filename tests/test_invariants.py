@@ -9,7 +9,8 @@ import torch
 import lora_da
 from conftest import assert_same_state, model_state, random_batches, tiny_gpt2, tiny_llama
 from lora_da.collect import default_loss
-from lora_da.solve import InputFactors, natural_gradient
+from lora_da.input_factors import InputFactors
+from lora_da.natural_gradient import natural_gradient
 from lora_da.statistics import InputStatistics, ModuleStatistics, Statistics
 
 
@@ -207,7 +208,7 @@ def massive_activation_statistics(input_factor_dtype: torch.dtype) -> Statistics
 def test_damping_is_chosen_once_at_the_rounding_floor_of_fp32_sums():
     """No retry: fp32 sums are damped at eps32 sqrt(T) ||Z||_F, fp64 sums keep the config's
     damping, and a factor that is not positive definite at its damping is an error."""
-    from lora_da.solve import damped_cholesky, rounding_floor
+    from lora_da.input_factors import damped_cholesky, rounding_floor
 
     fp32, fp64 = massive_activation_statistics(torch.float32), massive_activation_statistics(torch.float64)
     with pytest.raises(RuntimeError, match="Cholesky of the input factor of my.module failed at damping 1e-06"):
@@ -222,6 +223,31 @@ def test_damping_is_chosen_once_at_the_rounding_floor_of_fp32_sums():
     assert [info["dampings"] for info in rough.report.values()] == [{"layer.proj": pytest.approx(floor, rel=1e-6)}]
     assert [info["dampings"] for info in exact.report.values()] == [{"layer.proj": 1e-6}]
     assert all(torch.isfinite(f.lora_B).all() for f in rough.values())
+
+
+def test_fp32_tile_sums_indefinite_at_the_damping_take_the_fp32_floor_with_a_warning():
+    """fp64 sums that carry fp32 rounding (the kernels' tile sums, ``Z_FP32_TILES``) and are
+    indefinite at 1e-6: damped at the rounding floor of fp32 sums, named in a warning; the same
+    sums without the mark are an error, as any Z that is no sum of outer products."""
+    from lora_da.input_factors import rounding_floor
+    from lora_da.statistics import Z_FP32_TILES
+
+    noisy = massive_activation_statistics(torch.float32)
+    noisy.inputs["layer.proj"].z_sum = noisy.inputs["layer.proj"].z_sum.double()
+    with pytest.raises(RuntimeError, match="failed at damping 1e-06"):
+        lora_da.solve(noisy, rank=4, progress=False)
+    noisy.config[Z_FP32_TILES] = True
+    with pytest.warns(RuntimeWarning, match=r"layer.proj.*fp32 tile sums.*input_factor_dtype='float64'"):
+        factors = lora_da.solve(noisy, rank=4, progress=False)
+    floor = rounding_floor(noisy.input_factor("layer.proj").double(), 400, torch.float32)
+    assert [info["dampings"] for info in factors.report.values()] == [{"layer.proj": pytest.approx(floor, rel=1e-6)}]
+    assert all(torch.isfinite(f.lora_B).all() for f in factors.values())
+    clean = massive_activation_statistics(torch.float64)
+    clean.config[Z_FP32_TILES] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # definite at 1e-6: the config's damping, no warning
+        assert [info["dampings"] for info in lora_da.solve(clean, rank=4, progress=False).report.values()] == [
+            {"layer.proj": 1e-6}]
 
 
 def test_factors_do_not_depend_on_batch_order_or_size():

@@ -10,6 +10,7 @@ import torch
 
 from lora_da import dispatch
 from lora_da.kernels import reference
+from lora_da.statistics import Z_FP32_TILES
 
 pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
@@ -187,6 +188,7 @@ def test_collect_statistics_with_backend_equals_torch(backend, fisher, input_fac
     assert bool(calls) == (input_factor_dtype == "float64")  # the torch reference is asked for fp64 Z only
     wanted = torch.float32 if input_factor_dtype == "float32" else torch.float64
     assert all(e.z_sum.dtype == wanted for e in got.inputs.values())
+    assert got.config[Z_FP32_TILES] == (input_factor_dtype == "auto") and not want.config[Z_FP32_TILES]
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()

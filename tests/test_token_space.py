@@ -22,12 +22,12 @@ def few_tokens():
 def span_always_pays(monkeypatch):
     """The tiny model's inputs (n = 24 and 40, s = 20) cost less in the full solve
     (``token_space_pays``); these tests check the span's math, so it is taken wherever it applies."""
-    monkeypatch.setattr(sys.modules["lora_da.solve"], "token_space_pays", lambda *args: True)
+    monkeypatch.setattr(sys.modules["lora_da.token_space"], "token_space_pays", lambda *args: True)
 
 
 def full_space(monkeypatch, stats, **overrides):
     """The same solve with the token space switched off (no input qualifies)."""
-    monkeypatch.setattr(sys.modules["lora_da.solve"], "TOKEN_BASIS_OVERSAMPLING", 10**9)
+    monkeypatch.setattr(sys.modules["lora_da.token_space"], "TOKEN_BASIS_OVERSAMPLING", 10**9)
     return lora_da.solve(stats, CFG, progress=False, **overrides)
 
 
@@ -84,14 +84,15 @@ def test_rank_above_the_token_span_keeps_the_full_solve():
 def test_statistics_whose_z_outranks_their_token_count_keep_the_full_solve(monkeypatch):
     """A Z of full rank under a count of 12 tokens (statistics edited by hand): the range finder
     misses part of Z, its check says so, and every module keeps the full solve."""
-    from lora_da.solve import InputFactors
+    from lora_da.input_factors import InputFactors
+    from lora_da.token_space import TokenBases
 
     stats = few_tokens()
     key = "model.layers.0.mlp.down_proj"
-    assert InputFactors(stats, CFG.damping, torch.device("cpu")).token_basis(key) is not None
+    assert TokenBases(InputFactors(stats, CFG.damping, torch.device("cpu"))).basis(key) is not None
     for entry in stats.inputs.values():
         entry.z_sum += entry.num_tokens * 1e-2 * torch.eye(entry.z_sum.shape[0], dtype=entry.z_sum.dtype)
-    assert InputFactors(stats, CFG.damping, torch.device("cpu")).token_basis(key) is None
+    assert TokenBases(InputFactors(stats, CFG.damping, torch.device("cpu"))).basis(key) is None
     fast = lora_da.solve(stats, CFG, solver="exact", progress=False)
     assert not any(info["token_space"] for info in fast.report.values())
     want = full_space(monkeypatch, stats, solver="exact")
@@ -130,7 +131,7 @@ def test_the_span_is_taken_where_its_counted_cost_is_lower():
     than the full solve (the randomized solve was the faster, 0.70 s against 4.27 s), and Z's null
     space (24 directions) is narrow enough for the randomized solver; with T = 100, or at n = 4096
     with 300 tokens, the span costs a fraction; at T = 700 the randomized solver would stall."""
-    from lora_da.solve import token_space_pays
+    from lora_da.token_space import token_space_pays
 
     assert not token_space_pays(1024, 1000, [1024], "randomized", 16)
     assert token_space_pays(1024, 100, [1024], "randomized", 16)
@@ -155,22 +156,24 @@ def test_fp32_statistics_keep_the_full_solve_on_both_sides_of_n():
 
 @pytest.mark.usefixtures("span_always_pays")
 def test_stacks_within_the_budget_give_the_same_subspaces_and_probes_are_released(monkeypatch):
-    solve_module = sys.modules["lora_da.solve"]
+    from lora_da.input_factors import InputFactors
+    from lora_da.token_space import TokenBases, token_space_subspaces
+
     stats = few_tokens()
     made = []
-    original = solve_module.InputFactors.__init__
+    original = TokenBases.__init__
 
     def keep(self, *args, **kwargs):
         original(self, *args, **kwargs)
         made.append(self)
 
-    monkeypatch.setattr(solve_module.InputFactors, "__init__", keep)
+    monkeypatch.setattr(TokenBases, "__init__", keep)
     names = [name for name in stats.modules if stats.modules[name].g_sum.shape == (24, 24)]
     found = {}
     for budget in (2**31, 1):  # 1 byte: one module per stack
-        factors = solve_module.InputFactors(stats, CFG.damping, torch.device("cpu"))
-        found[budget] = solve_module.token_space_subspaces(stats, names, factors, CFG, [CFG.variance_weight],
-                                                           CFG.rank, 50, budget=budget)
+        bases = TokenBases(InputFactors(stats, CFG.damping, torch.device("cpu")))
+        found[budget] = token_space_subspaces(stats, names, bases, CFG, [CFG.variance_weight], CFG.rank, 50,
+                                              budget=budget)
     assert found[1].keys() == found[2**31].keys() == set(names)
     for name in names:
         torch.testing.assert_close(found[1][name][CFG.variance_weight].v, found[2**31][name][CFG.variance_weight].v,
