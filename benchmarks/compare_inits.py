@@ -219,7 +219,7 @@ def initialise(name: str, task: Task, base, rank: int, batches, population: int)
 def lora_one(model, inputs, gamma: float = 1024.0) -> None:
     """LoRA-One: the top-r right singular vectors V of -G (G from one pass, no Fisher, no variance
     term), A = V^T / sqrt(gamma), B = (-G / sigma) V / sqrt(gamma): LoRA-DA's scale."""
-    from lora_da.initialize import apply_factors
+    from lora_da.peft_adapters import apply_factors
     from lora_da.subspaces import LoraFactors
     from lora_da.targets import lora_layers
 

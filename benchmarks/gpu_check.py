@@ -201,8 +201,8 @@ def benchmark(device: str, shapes, tokens_list, say, peak: float) -> list:
                     x3, mask3 = x[order][None], w[order][None].bool()
                     grads = [] if grad is None else [grad[order][None]]
                     gs, ys = ([] if g is None else [g]), ([] if y is None else [y])
-                    impls[name + "_auto_compacted"] = (lambda fn=fn, x3=x3, mask3=mask3, grads=grads, gs=gs, ys=ys:
-                                                       fn(x3, mask3, grads, z64, gs, ys, counted=counted))
+                    impls[name + "_auto_compacted"] = (lambda fn=fn, x3=x3, mask3=mask3, grads=grads, z64=z64, gs=gs,
+                                                       ys=ys: fn(x3, mask3, grads, z64, gs, ys, counted=counted))
                 row = {"op": "Z" if m is None else "Z+G+y", "n": n, "m": m, "tokens": tokens, "masked": masked,
                        "counted_tokens": counted, "useful_flops": flops, "ms": {}, "tflops": {}}
                 for name, fn in impls.items():

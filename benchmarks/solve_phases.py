@@ -46,11 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lora_da  # noqa: E402
-from lora_da import eigensolver  # noqa: E402
 from lora_da.embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, split  # noqa: E402
 from lora_da.eigensolver import on_host_threads  # noqa: E402
 
-from lora_da import batched_solver, input_factors, solver, token_space  # noqa: E402
+from lora_da import batched_solver, block_operator, input_factors, solver, token_space  # noqa: E402
 
 
 def main_job_statistics(model, tokenizer, reviews: int) -> lora_da.Statistics:
@@ -144,9 +143,9 @@ def solve_with_phases(stats, rank: int, **options) -> dict:
     meter.time(token_space, "token_space_subspaces", "token space")
     meter.time(batched_solver.BatchedSolver, "operator", "stacking (includes input factors)")
     meter.time(batched_solver, "smallest_eigenvectors", "LOBPCG (includes its applies)")
-    meter.time(eigensolver.BlockOperator, "omega", "Omega' applies, {dtype}", apply_flops)
+    meter.time(block_operator.BlockOperator, "omega", "Omega' applies, {dtype}", apply_flops)
     meter.time(batched_solver, "top_singular_values", "sigma")
-    meter.time(eigensolver.BlockOperator, "gram_norms", "||Delta^T Delta||_F", gram_norm_flops)
+    meter.time(block_operator.BlockOperator, "gram_norms", "||Delta^T Delta||_F", gram_norm_flops)
     meter.time(batched_solver.BatchedSolver, "delta_norm2", "diagnostics: ||Delta||_F^2 estimate")
     meter.time(solver, "diagnose", "diagnostics: e(A), share, objective")
     try:

@@ -1,7 +1,8 @@
 """LoRA-DA: data-aware initialisation of LoRA adapters from one pass over calibration data."""
-from .collect import MemoryPlan, collect_statistics, plan_memory
+from .collect import collect_statistics
+from .memory import MemoryPlan, plan_memory
 from .config import LoraDAConfig
-from .initialize import InitReport, initialize
+from .peft_adapters import InitReport, initialize
 from .solver import solve, solve_sweep
 from .subspaces import Factors, LoraFactors
 from .statistics import InputStatistics, ModuleStatistics, Statistics

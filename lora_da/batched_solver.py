@@ -9,7 +9,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .config import LoraDAConfig
-from .eigensolver import BlockOperator, SolveInfo, eigh, smallest_eigenvectors, top_singular_values
+from .block_operator import BlockOperator
+from .eigensolver import SolveInfo, eigh, smallest_eigenvectors, top_singular_values
 from .input_factors import InputFactors
 from .natural_gradient import check_gradients, delta_scale, natural_gradient, output_scaling, variance_coefficients
 from .statistics import Statistics

@@ -26,6 +26,7 @@ class BadInput(Exception):
     """A problem with what the user gave us: reported in one line, never as a traceback."""
 
 
+# over 60 lines: the command line's option declarations, one after another, read as one list
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="lora-da",

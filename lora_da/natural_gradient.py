@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 from .config import LoraDAConfig
-from .eigensolver import gram_norm
+from .block_operator import gram_norm
 from .input_factors import scaled_damping
 from .statistics import Statistics
 

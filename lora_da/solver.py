@@ -189,14 +189,9 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
         info.setdefault("token_space", {}).update(
             {name: bases.bases[stats.modules[name].input_key][0].shape[1] for name in in_token_space})
         rest = [name for name in chunk if name not in in_token_space]
-        if rest and solver == "exact":
-            subspaces.update(batched_solver.exact_subspaces(stats, rest, factors, cfg, betas, rank, population))
-        elif rest:
-            results, sigma_info = batched.solve(rest, rank, betas, last_readers)
-            for beta, (found, convergence) in zip(betas, results):
-                subspaces.update({(beta, name): subspace for name, subspace in zip(rest, found)})
-                _record(info, rest, convergence, "iterations", "residual", "unconverged")
-            _record(info, rest, sigma_info, "sigma_iterations", "sigma_change", "sigma_unconverged")
+        if rest:
+            subspaces.update(_full_space(stats, rest, factors, batched, cfg, solver, betas, rank, population,
+                                         last_readers, info))
         info.setdefault("dampings", {}).update({name: factors.damping(stats.modules[name].input_key) for name in chunk})
         if diagnosed is not None:
             beta, ranks = diagnosed
@@ -216,6 +211,23 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
                       "damped at the rounding floor of fp32 sums instead (the report's dampings). "
                       "input_factor_dtype='float64' sums them in fp64 throughout", RuntimeWarning, stacklevel=5)
     return subspaces, report
+
+
+def _full_space(stats: Statistics, names: List[str], factors: InputFactors, batched: batched_solver.BatchedSolver,
+                cfg: LoraDAConfig, solver: str, betas: List[float], rank: int, population: int, release,
+                info: dict) -> Subspaces:
+    """The subspaces of ``names`` (one shape) by the exact or the randomized solver, whose
+    convergence goes into the shape's report entry ``info``; ``release``: the inputs whose
+    factors the randomized solver may forget once stacked."""
+    if solver == "exact":
+        return batched_solver.exact_subspaces(stats, names, factors, cfg, betas, rank, population)
+    subspaces = {}
+    results, sigma_info = batched.solve(names, rank, betas, release)
+    for beta, (found, convergence) in zip(betas, results):
+        subspaces.update({(beta, name): subspace for name, subspace in zip(names, found)})
+        _record(info, names, convergence, "iterations", "residual", "unconverged")
+    _record(info, names, sigma_info, "sigma_iterations", "sigma_change", "sigma_unconverged")
+    return subspaces
 
 
 def _record(info: dict, names: Sequence[str], convergence: SolveInfo, iterations: str, residual: str,

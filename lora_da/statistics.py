@@ -109,8 +109,9 @@ class Statistics:
             self.layout)
 
     @staticmethod
-    def combine(parts) -> "Statistics":
-        """One Statistics from passes over the same data that each collected other modules."""
+    def union(parts) -> "Statistics":
+        """One Statistics holding the modules of every part: passes over the same data that each
+        collected other modules (``merge`` sums the same modules over other data)."""
         first = parts[0]
         if any(p.num_sequences != first.num_sequences for p in parts):
             raise ValueError("statistics of different passes saw different numbers of sequences")

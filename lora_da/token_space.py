@@ -153,25 +153,7 @@ def token_space_subspaces(stats: Statistics, names: Sequence[str], bases: TokenB
     complement's eigenvalue is not above the r-th smallest on S. Only the inputs
     ``token_space_inputs`` picks are tried; the modules of one s are solved in stacks of at most
     ``budget`` bytes ([b, s, s] fp64, three of them)."""
-    problems, factors = [], bases.factors
-    chosen = token_space_inputs(stats, names, resolve_solver(cfg.solver, stats.modules[names[0]].g_sum.shape[1]),
-                                rank + cfg.solver_oversampling)
-    for name in names:
-        key = stats.modules[name].input_key
-        basis = bases.basis(key) if key in chosen else None
-        if basis is None or basis[0].shape[1] < rank:
-            continue
-        w, z = basis
-        gradient = stats.gradient(name, w.device).double()
-        projected = gradient @ w  # [m, s]
-        if sketched_outside(gradient, projected, w, bases.probe(w.shape[0], TOKEN_BASIS_OVERSAMPLING)) > \
-                rounding_outside(stats, name, projected, z, factors.floor(key)):
-            continue
-        d = output_scaling(stats, name, cfg, w.device)
-        damping = factors.damping(key)
-        delta = -d[:, None] * projected / (z + damping)
-        check_gradients([name], [delta])
-        problems.append(_TokenSpaceProblem(name, w, delta, 1.0 / (z + damping), damping, float(d.sum())))
+    problems = _problems(stats, names, bases, cfg, rank)
     out: Dict[str, Dict[float, Subspace]] = {}
     stacks = []
     for size in sorted({problem.basis.shape[1] for problem in problems}):
@@ -203,6 +185,32 @@ def token_space_subspaces(stats: Statistics, names: Sequence[str], bases: TokenB
                         v, lora_b, values[i, :rank] / float(scale[i]) ** 2,
                         float(problem.delta.square().sum()) / float(scale[i]) ** 2)
     return {name: found for name, found in out.items() if len(found) == len(betas)}
+
+
+def _problems(stats: Statistics, names: Sequence[str], bases: TokenBases, cfg: LoraDAConfig,
+              rank: int) -> list:
+    """The ``_TokenSpaceProblem`` of each of ``names`` whose input ``token_space_inputs`` picks, whose
+    span has r columns or more and whose G stays in it to the rounding of its sums."""
+    problems, factors = [], bases.factors
+    chosen = token_space_inputs(stats, names, resolve_solver(cfg.solver, stats.modules[names[0]].g_sum.shape[1]),
+                                rank + cfg.solver_oversampling)
+    for name in names:
+        key = stats.modules[name].input_key
+        basis = bases.basis(key) if key in chosen else None
+        if basis is None or basis[0].shape[1] < rank:
+            continue
+        w, z = basis
+        gradient = stats.gradient(name, w.device).double()
+        projected = gradient @ w  # [m, s]
+        if sketched_outside(gradient, projected, w, bases.probe(w.shape[0], TOKEN_BASIS_OVERSAMPLING)) > \
+                rounding_outside(stats, name, projected, z, factors.floor(key)):
+            continue
+        d = output_scaling(stats, name, cfg, w.device)
+        damping = factors.damping(key)
+        delta = -d[:, None] * projected / (z + damping)
+        check_gradients([name], [delta])
+        problems.append(_TokenSpaceProblem(name, w, delta, 1.0 / (z + damping), damping, float(d.sum())))
+    return problems
 
 
 @dataclass

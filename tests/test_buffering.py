@@ -7,8 +7,8 @@ import torch
 
 import lora_da
 from conftest import classification_batches, random_batches, tiny_bert_classifier, tiny_gpt2, tiny_llama
-from lora_da import collect, dispatch
-from lora_da.collect import accumulator_bytes, chunk_tokens
+from lora_da import collect, dispatch, memory
+from lora_da.memory import accumulator_bytes, chunk_tokens
 from lora_da.targets import find_targets
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert_classifier}
@@ -25,7 +25,7 @@ def batches_for(model_name, padding="right"):
 @pytest.fixture
 def roomy_buffers(monkeypatch):
     """Buffers as large as ``buffer_tokens`` asks on the tiny models, whose accumulators would cap them near 6 tokens."""
-    monkeypatch.setattr(collect, "BUFFER_SHARE_OF_ACCUMULATORS", 1e6)
+    monkeypatch.setattr(memory, "BUFFER_SHARE_OF_ACCUMULATORS", 1e6)
 
 
 @pytest.fixture
@@ -140,7 +140,7 @@ def test_buffers_take_at_most_a_share_of_the_accumulators(monkeypatch):
     model = tiny_llama(seed=3)
     targets = list(find_targets(model, None).values())
     per_token = sum(8 * (t.in_features + t.out_features) + 1 for t in targets)
-    share = int(accumulator_bytes(targets, 8, 8) * collect.BUFFER_SHARE_OF_ACCUMULATORS) // per_token
+    share = int(accumulator_bytes(targets, 8, 8) * memory.BUFFER_SHARE_OF_ACCUMULATORS) // per_token
     chunks = chunks_of_each_pass(monkeypatch)
     lora_da.collect_statistics(model, short_batches(), progress=False)
     assert chunks == [share] and 0 < share < 4096

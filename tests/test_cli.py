@@ -180,7 +180,7 @@ def test_demo_forwards_its_options(capsys):
 
 def test_plan_matches_the_passes_collection_takes(model_dir, capsys):
     """lora-da plan on the golden model: the passes and chunks collection uses under the same budget."""
-    from lora_da.collect import plan_memory
+    from lora_da.memory import plan_memory
 
     budget = 300_000
     assert cli.main(["plan", "--model", str(model_dir), "--dtype", "float64", "--max-memory", str(budget)]) == 0

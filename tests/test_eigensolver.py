@@ -5,8 +5,8 @@ import torch
 
 import lora_da
 from conftest import random_batches, tiny_llama
+from lora_da.block_operator import BlockOperator
 from lora_da.eigensolver import (
-    BlockOperator,
     consecutive_runs,
     eigh,
     rayleigh_ritz,

@@ -73,3 +73,13 @@ def test_one_cholesky_of_the_input_factors():
                        for call in ast.walk(node))]
     assert [node.name for node in callers] == ["_factor"]
     assert "\n".join(path.read_text() for path in SOURCES).count("cholesky_ex(") == 1
+
+
+def test_no_module_is_named_like_a_public_function():
+    """``import lora_da.solver as m`` gives a module, never the function ``lora_da.solve``."""
+    import inspect
+
+    import lora_da
+
+    functions = [name for name in lora_da.__all__ if inspect.isfunction(getattr(lora_da, name))]
+    assert functions and not [name for name in functions if (ROOT / "lora_da" / f"{name}.py").exists()]

@@ -8,7 +8,7 @@ import torch
 
 import lora_da
 from conftest import assert_same_state, model_state, random_batches, tiny_gpt2, tiny_llama
-from lora_da.collect import default_loss
+from lora_da.batches import default_loss
 from lora_da.input_factors import InputFactors
 from lora_da.natural_gradient import natural_gradient
 from lora_da.statistics import InputStatistics, ModuleStatistics, Statistics
@@ -308,7 +308,7 @@ def test_default_loss_sums_per_sequence_means_whatever_the_batching(make_model):
             for got, wanted in ((stats[name].modules[module].g_sum, entry.g_sum),
                                 (stats[name].modules[module].y_sum, entry.y_sum)):
                 assert float((got - wanted).norm() / wanted.norm()) < 1e-5, (name, module)
-    loss = lora_da.collect.default_loss(model, groupings["one batch"][0])
+    loss = lora_da.batches.default_loss(model, groupings["one batch"][0])
     per_sequence = sum(model(**batch).loss for batch in groupings["singles"])
     torch.testing.assert_close(loss.double(), per_sequence.double(), rtol=1e-6, atol=0)
 
@@ -327,4 +327,4 @@ def test_default_loss_refuses_a_loss_it_cannot_split():
 
     batch = random_batches([5], seed=11)[0]
     with pytest.raises(ValueError, match="different numbers of labels.*loss_fn"):
-        lora_da.collect.default_loss(SmoothedLoss(), batch)
+        lora_da.batches.default_loss(SmoothedLoss(), batch)

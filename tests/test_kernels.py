@@ -165,9 +165,9 @@ def test_collect_statistics_with_backend_equals_torch(backend, fisher, input_fac
     compacted chunks gathered across batches."""
     import lora_da
     from conftest import random_batches, tiny_llama
-    from lora_da import collect
+    from lora_da import memory
 
-    monkeypatch.setattr(collect, "BUFFER_SHARE_OF_ACCUMULATORS", 1e6)  # chunks as large as asked on a tiny model
+    monkeypatch.setattr(memory, "BUFFER_SHARE_OF_ACCUMULATORS", 1e6)  # chunks as large as asked on a tiny model
     half = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
     model = tiny_llama(seed=30, dtype=half if input_factor_dtype == "auto" else torch.float32).to(DEVICE)
     batches = random_batches([2, 3, 4], seed=31, padding="left")

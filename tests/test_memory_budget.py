@@ -4,7 +4,7 @@ import torch
 
 import lora_da
 from conftest import random_batches, tiny_llama
-from lora_da.collect import memory_budget, plan_groups
+from lora_da.memory import memory_budget, plan_groups
 from lora_da.targets import find_targets
 from test_statistics_files import assert_same_factors, peft_llama
 

@@ -7,7 +7,7 @@ import torch
 
 import lora_da
 from conftest import classification_batches, random_batches, tiny_bert_classifier, tiny_gpt2, tiny_llama
-from lora_da.collect import default_loss
+from lora_da.batches import default_loss
 from lora_da.targets import find_targets, linear_shape
 
 

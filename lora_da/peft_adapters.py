@@ -10,7 +10,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from .collect import collect_statistics, execution_device, population_size_warning
+from .batches import execution_device
+from .collect import collect_statistics, population_size_warning
 from .config import LoraDAConfig, resolve_config
 from .solver import check_ranks, solve
 from .subspaces import LoraFactors
@@ -134,6 +135,14 @@ def apply_factors(layers: Dict[str, nn.Module], factors: Dict[str, LoraFactors],
                 weight.copy_(placed_like(value, weight))
 
 
+def _collect_without_adapters(peft_model: nn.Module, loader: Iterable, cfg: LoraDAConfig, loss_fn: Optional[Callable],
+                              max_memory: Union[int, str, None], progress: bool) -> Statistics:
+    """``collect_statistics`` on the PEFT model with its adapters disabled (the base model's gradients)."""
+    disabled = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
+    with disabled:
+        return collect_statistics(peft_model, loader, cfg, loss_fn, max_memory=max_memory, progress=progress)
+
+
 def initialize(
     peft_model: nn.Module,
     loader: Optional[Iterable],
@@ -172,12 +181,8 @@ def initialize(
     start = time.perf_counter()
     stats = statistics
     if stats is None:
-        disabled = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
-        with disabled:
-            stats = collect_statistics(
-                peft_model, loader, cfg.replace(target_modules=tuple(layers)), loss_fn, max_memory=max_memory,
-                progress=progress,
-            )
+        stats = _collect_without_adapters(peft_model, loader, cfg.replace(target_modules=tuple(layers)), loss_fn,
+                                          max_memory, progress)
     seconds["collect"] = time.perf_counter() - start
     start = time.perf_counter()
     factors = solve(stats, cfg, ranks=ranks, device=device, progress=progress)
@@ -186,9 +191,8 @@ def initialize(
     apply_factors(layers, factors, adapter_name)
     seconds["apply"] = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    notes = []
-    if cfg.population_size is None and stats.population_size_assumed:
-        notes.append(population_size_warning(stats.population_size, "the calibration data's size"))
+    notes = ([population_size_warning(stats.population_size, "the calibration data's size")]
+             if cfg.population_size is None and stats.population_size_assumed else [])
     return InitReport(
         adapter_name=adapter_name,
         ranks=ranks,
