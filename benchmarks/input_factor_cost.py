@@ -4,7 +4,8 @@
     python benchmarks/input_factor_cost.py                  # 256 x 512 calibration tokens
 
 Counts, not timings: flops per kind of unit, the bytes that must move to and from GPU memory
-(X read once, Z's upper triangle read and written once per call of ``buffer_tokens``; tiles that
+(X read once, Z's upper triangle read and written once per call, of the tokens ``lora-da plan``
+gives the token buffers at that model's size; tiles that
 read X again from L2 are not counted), the statistics' Z memory, and the seconds they imply at
 published peak rates (the larger of compute and memory time). Per layer Llama has four distinct
 linear inputs: attention (q, k, v), o_proj, the MLP's (gate, up), each n = hidden, and
@@ -33,13 +34,12 @@ sys.path.insert(0, str(ROOT))
 from lora_da.kernels.massive import MAX_MASSIVE  # noqa: E402
 from lora_da.kernels.reference import GRAM_PANEL  # noqa: E402
 
-MODELS = {"Llama-2-7B": {"hidden": 4096, "intermediate": 11008, "layers": 32},
-          "Llama-2-70B": {"hidden": 8192, "intermediate": 28672, "layers": 80}}
+MODELS = {"Llama-2-7B": {"hidden": 4096, "intermediate": 11008, "layers": 32, "heads": 32, "kv_heads": 32},
+          "Llama-2-70B": {"hidden": 8192, "intermediate": 28672, "layers": 80, "heads": 64, "kv_heads": 8}}
 # published dense peak rates (TFLOP/s) and memory bandwidth (TB/s)
 GPUS = {"H100 SXM": {"bf16": 989.4, "fp64": 66.9, "bandwidth": 3.35},
         "RTX 4090": {"bf16": 165.2, "fp64": 1.29, "bandwidth": 1.008}}
 TILE = 128  # the Triton kernel's BLOCK_N on a GPU
-CALL = 4096  # tokens per kernel call (LoraDAConfig.buffer_tokens)
 
 
 def inputs(model: dict) -> list:
@@ -48,9 +48,25 @@ def inputs(model: dict) -> list:
     return per_layer * model["layers"]
 
 
-def count(path: str, shapes: list, tokens: int) -> dict:
-    """Flops by unit, bytes that must move and Z's bytes of one way of summing Z over ``tokens`` tokens."""
-    calls = -(-tokens // CALL)
+def plan(model: dict, input_factor_dtype: str):
+    """``lora_da.plan_memory`` of the bf16 Llama with these shapes, built on the meta device."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lora_da
+
+    config = LlamaConfig(hidden_size=model["hidden"], intermediate_size=model["intermediate"],
+                         num_hidden_layers=model["layers"], num_attention_heads=model["heads"],
+                         num_key_value_heads=model["kv_heads"], vocab_size=32000)
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(config).to(torch.bfloat16)
+    return lora_da.plan_memory(llama, input_factor_dtype=input_factor_dtype)
+
+
+def count(path: str, shapes: list, tokens: int, call: int) -> dict:
+    """Flops by unit, bytes that must move and Z's bytes of one way of summing Z over ``tokens``
+    tokens in calls of ``call`` tokens."""
+    calls = -(-tokens // call)
     bf16 = fp64 = moved = 0.0
     for n, massive in shapes:
         moved += 2 * tokens * n + calls * 16 * n * n / 2  # X in bf16 once; Z's upper triangle in and out per call
@@ -84,16 +100,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     tokens = args.sequences * args.length
     report = {}
-    print(f"{tokens} tokens; counts at published peak rates, not timings")
-    print("| model | Z summed as | bf16 PFLOP | fp64 PFLOP | bytes moved (TB) | Z (GiB) | H100 s | RTX 4090 s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"{tokens} tokens; counts at published peak rates, not timings; calls of the tokens lora-da plan gives")
+    print("| model | Z summed as | tokens per call | bf16 PFLOP | fp64 PFLOP | bytes moved (TB) | Z (GiB) "
+          "| statistics, lora-da plan (GiB) | H100 s | RTX 4090 s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, model in MODELS.items():
         for path in ("float64", "float32", "auto", "auto, |D| = 16 everywhere"):
-            counted = count(path, inputs(model), tokens)
+            planned = plan(model, path.split(",")[0])
+            call = planned.chunks[0]
+            counted = count(path, inputs(model), tokens, call)
             times = {gpu: seconds(counted, rates) for gpu, rates in GPUS.items()}
-            report[f"{name}, {path}"] = {**counted, "seconds": times}
-            print(f"| {name} | {path} | {counted['bf16 flops'] / 1e15:.3f} | {counted['fp64 flops'] / 1e15:.4f} | "
-                  f"{counted['bytes moved'] / 1e12:.2f} | {counted['Z bytes'] / 2**30:.1f} | "
+            report[f"{name}, {path}"] = {**counted, "call tokens": call, "seconds": times,
+                                         "planned statistics bytes": sum(planned.accumulator_bytes)}
+            print(f"| {name} | {path} | {call} | {counted['bf16 flops'] / 1e15:.3f} | "
+                  f"{counted['fp64 flops'] / 1e15:.4f} | {counted['bytes moved'] / 1e12:.2f} | "
+                  f"{counted['Z bytes'] / 2**30:.1f} | {sum(planned.accumulator_bytes) / 2**30:.1f} | "
                   f"{times['H100 SXM']['implied']:.1f} | {times['RTX 4090']['implied']:.1f} |")
     out = Path(os.environ.get("OUT", ROOT / "outputs"))
     out.mkdir(parents=True, exist_ok=True)
