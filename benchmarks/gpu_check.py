@@ -9,7 +9,7 @@ called with a mask, and ``_compacted``: counted tokens first, as the token buffe
 the best plain-PyTorch paths: fp32 ``addmm_`` and a bf16 matmul with fp32 output then add (their
 inputs cast and masked beforehand, outside the timing), and against Z summed in fp64 as
 ``input_factor_dtype="float64"`` sums it (``torch_fp64_z``: fp64 products through PyTorch). Each
-kernel backend is also timed as the default ``input_factor_dtype="auto"`` runs it (``_auto_compacted``:
+kernel backend is also timed as ``input_factor_dtype="mixed"`` runs it (``_mixed_compacted``:
 Z in fp64, each call's fp32 sums added into it, the massive features' rows and columns in fp64;
 the inputs carry two massive features, as SmolLM2's and Llama's down_proj inputs do). TFLOP/s count
 useful work only: the triangle of Z (n^2 T_counted) and 2 m n T for G. Everything goes to $OUT (default ./outputs):
@@ -169,7 +169,7 @@ def benchmark(device: str, shapes, tokens_list, say, peak: float) -> list:
     records = []
     say(f"{'op':<6}{'n':>6}{'m':>6}{'T':>6}{'mask':>6}  " + "  ".join(f"{k:>18}" for k in
         ["torch_fp32_addmm", "torch_bf16_mm", "torch_fp64_z"]
-        + [b + s for b in backends for s in ("", "_compacted", "_auto_compacted")])
+        + [b + s for b in backends for s in ("", "_compacted", "_mixed_compacted")])
         + "   (TFLOP/s, % of peak)")
     for n, m in shapes:
         for tokens in tokens_list:
@@ -201,7 +201,7 @@ def benchmark(device: str, shapes, tokens_list, say, peak: float) -> list:
                     x3, mask3 = x[order][None], w[order][None].bool()
                     grads = [] if grad is None else [grad[order][None]]
                     gs, ys = ([] if g is None else [g]), ([] if y is None else [y])
-                    impls[name + "_auto_compacted"] = (lambda fn=fn, x3=x3, mask3=mask3, grads=grads, z64=z64, gs=gs,
+                    impls[name + "_mixed_compacted"] = (lambda fn=fn, x3=x3, mask3=mask3, grads=grads, z64=z64, gs=gs,
                                                        ys=ys: fn(x3, mask3, grads, z64, gs, ys, counted=counted))
                 row = {"op": "Z" if m is None else "Z+G+y", "n": n, "m": m, "tokens": tokens, "masked": masked,
                        "counted_tokens": counted, "useful_flops": flops, "ms": {}, "tflops": {}}
@@ -232,12 +232,12 @@ def targets(records: list, peak: float, say) -> dict:
         if kernels:
             best = min(kernels, key=kernels.get)
             result["z_speedup_n4096_T8192"] = {"backend": best, "speedup": best_plain / kernels[best], "target": 1.5}
-    for r in records:  # the default (auto) Z against the fp32 kernel and against fp64 products through PyTorch
-        for backend in sorted({k[:-len("_auto_compacted")] for k in r["ms"] if k.endswith("_auto_compacted")}):
+    for r in records:  # mixed Z against the fp32 kernel and against fp64 products through PyTorch
+        for backend in sorted({k[:-len("_mixed_compacted")] for k in r["ms"] if k.endswith("_mixed_compacted")}):
             case = f"{r['op']} n{r['n']}-m{r['m']}-T{r['tokens']}-mask{r['masked']} {backend}"
-            auto = r["ms"][backend + "_auto_compacted"]
-            result.setdefault("auto_over_fp32_kernel", {"target": 1.5})[case] = auto / r["ms"][backend + "_compacted"]
-            result.setdefault("fp64_torch_over_auto", {})[case] = r["ms"]["torch_fp64_z"] / auto
+            mixed = r["ms"][backend + "_mixed_compacted"]
+            result.setdefault("mixed_over_fp32_kernel", {"target": 1.5})[case] = mixed / r["ms"][backend + "_compacted"]
+            result.setdefault("fp64_torch_over_mixed", {})[case] = r["ms"]["torch_fp64_z"] / mixed
     whole = [r for r in records if r["op"] == "Z+G+y" and r["tokens"] >= 4096]
     fractions = {}
     for r in whole:

@@ -1,5 +1,6 @@
 """Counted cost of summing Z on a GPU at Llama-2 shapes: fp64 products through PyTorch
-(``input_factor_dtype="float64"``) against the kernels' scheme (``"auto"``, the default):
+(``input_factor_dtype="float64"``, what the default ``"auto"`` does today) against the kernels'
+scheme (``"mixed"``):
 
     python benchmarks/input_factor_cost.py                  # 256 x 512 calibration tokens
 
@@ -12,11 +13,11 @@ linear inputs: attention (q, k, v), o_proj, the MLP's (gate, up), each n = hidde
 down_proj's, n = intermediate.
   float64: the reference's upper-triangle panels (GRAM_PANEL rows): n^2 T (1 + GRAM_PANEL / n)
            fp64 flops; X also written and read as an fp64 copy.
-  float32: the kernels' fp32 sums, as auto without the fp64 parts (Z in fp32, half the bytes).
-  auto:    upper-triangular 128 x 128 tiles on bf16 tensor cores, n^2 T (1 + 128 / n) flops, each
+  float32: the kernels' fp32 sums, as mixed without the fp64 parts (Z in fp32, half the bytes).
+  mixed:   upper-triangular 128 x 128 tiles on bf16 tensor cores, n^2 T (1 + 128 / n) flops, each
            call's fp32 sums added into fp64 Z; the massive features' columns, 2 n |D| T fp64 flops
            on an fp64 copy of X. |D| = 2 on every down_proj input (as on SmolLM2's, RESULTS.md)
-           and 0 elsewhere; "auto, |D| = 16 everywhere" counts the cap (``massive.MAX_MASSIVE``)
+           and 0 elsewhere; "mixed, |D| = 16 everywhere" counts the cap (``massive.MAX_MASSIVE``)
            on every input.
 Writes input_factor_cost.json under $OUT (default ./outputs).
 """
@@ -105,7 +106,7 @@ def main(argv=None):
           "| statistics, lora-da plan (GiB) | H100 s | RTX 4090 s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, model in MODELS.items():
-        for path in ("float64", "float32", "auto", "auto, |D| = 16 everywhere"):
+        for path in ("float64", "float32", "mixed", "mixed, |D| = 16 everywhere"):
             planned = plan(model, path.split(",")[0])
             call = planned.chunks[0]
             counted = count(path, inputs(model), tokens, call)

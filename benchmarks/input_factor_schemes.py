@@ -191,8 +191,9 @@ def main(argv=None):
         stats.config[Z_FP32_TILES] = scheme not in ("fp64", "fp32 (the kernels before)")  # as kernel sums are marked
         with warnings.catch_warnings(record=True):  # the inputs damped at fp32's floor: counted below
             got = lora_da.solve(stats, cfg, progress=False)
-        ba = max(float((g.lora_B.double() @ g.lora_A.double() - want_ba[name]).norm() / want_ba[name].norm())
-                 for name, g in got.items())
+        differences = {name: float((g.lora_B.double() @ g.lora_A.double() - want_ba[name]).norm()
+                                   / want_ba[name].norm()) for name, g in got.items()}
+        ba = max(differences.values())
         dampings = {name: d for info in got.report.values() for name, d in info["dampings"].items()}
         eps32 = torch.finfo(torch.float32).eps
         table[scheme] = {
@@ -201,6 +202,7 @@ def main(argv=None):
             "largest damping": max(dampings.values()),
             "modules damped above 1e-6": sum(d > DAMPING for d in dampings.values()),
             "largest B A difference": ba,
+            "largest B A differences by module": dict(sorted(differences.items(), key=lambda item: -item[1])[:5]),
             **{f"counted cost, {gpu}": counted_seconds(shapes, scheme, rates)
                / counted_seconds(shapes, "fp32 (the kernels before)", rates) for gpu, rates in RATES.items()}}
     flagged = {k: r["massive"] for k, r in per_input.items() if r["massive"]}

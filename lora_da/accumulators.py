@@ -167,7 +167,7 @@ class Accumulators:
         impl = dispatch.resolve("fisher_update", self.cfg.backend, x.device, x.dtype)
         z_sum = self.inputs[key].z_sum
         if z_sum.dtype == torch.float64 and impl.backend != "torch" and (
-                self.cfg.input_factor_dtype == "float64" or x.dtype == torch.float32):
+                self.cfg.input_factor_dtype != "mixed" or x.dtype == torch.float32):
             # fp64 products through PyTorch: asked for, or fp32 inputs, whose products the kernels
             # would round (the kernels' fp64 path needs products that are exact in fp32: fp16, bf16)
             dispatch.find("fisher_update", "torch").fn(x, mask, [], z_sum, [], [], counted=counted)

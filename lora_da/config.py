@@ -10,7 +10,7 @@ OUTPUT_FISHERS = ("diagonal", "sequence_lowrank")
 SOLVERS = ("auto", "exact", "randomized")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 SMALL_EIGH_PLACES = ("host", "device")
-INPUT_FACTOR_DTYPES = ("auto", "float32", "float64")
+INPUT_FACTOR_DTYPES = ("auto", "float32", "float64", "mixed")
 DAMPING_MODES = ("absolute", "relative")
 
 
@@ -23,10 +23,12 @@ class LoraDAConfig:
     Z is summed. ``float64``: fp64 products and sums (through PyTorch where the kernels run).
     ``float32``: fp32 sums (the input's dtype when wider); their rounding noise, about
     eps32 * ||Z||, can exceed lambda, and the solve then damps each input at its rounding floor
-    instead (see ``input_factors.rounding_floor``). ``auto``: fp64 sums; where the kernels run on fp16 or
-    bf16 inputs (whose products fp32 holds exactly), they add each call's fp32 sums into them and
-    sum the massive features' rows and columns in fp64 (``kernels.massive``), elsewhere as
-    ``float64``. ``buffer_tokens``: the
+    instead (see ``input_factors.rounding_floor``). ``mixed``: fp64 sums; where the kernels run on
+    fp16 or bf16 inputs (whose products fp32 holds exactly), they add each call's fp32 sums into
+    them and sum the massive features' rows and columns in fp64 (``kernels.massive``), elsewhere
+    as ``float64``: kernel speed, but B A within 1.6e-2 of fp64's on the main job, not 1e-3
+    (RESULTS.md, "Input factor schemes"). ``auto``: the fastest of these measured to give fp64's
+    factors: today ``float64``. ``buffer_tokens``: the
     tokens of each distinct input gathered across micro-batches before the statistics op runs on
     them as one chunk (fewer where the buffers would exceed an eighth of the accumulators' bytes or
     what ``max_memory`` leaves; 0: the op runs on each micro-batch). ``solver_mixed_precision``:

@@ -59,8 +59,8 @@ class MemoryPlan:
 
 
 def z_dtype(cfg: LoraDAConfig, element: torch.dtype) -> torch.dtype:
-    """The dtype of Z's sums for inputs whose statistics are summed in ``element``: fp64 for
-    ``input_factor_dtype`` float64 and auto, else the wider of fp32 and ``element``."""
+    """The dtype of Z's sums for inputs whose statistics are summed in ``element``: fp64 unless
+    ``input_factor_dtype`` is float32, then the wider of fp32 and ``element``."""
     wanted = torch.float32 if cfg.input_factor_dtype == "float32" else torch.float64
     return torch.promote_types(wanted, element)
 

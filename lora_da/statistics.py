@@ -12,7 +12,7 @@ import torch
 
 FORMAT_VERSION = 1
 # key of ``Statistics.config``: True where the kernels summed Z from fp32 tile sums into fp64
-# (``input_factor_dtype="auto"`` on bf16/fp16 GPU inputs, ``kernels.massive``)
+# (``input_factor_dtype="mixed"`` on bf16/fp16 GPU inputs, ``kernels.massive``)
 Z_FP32_TILES = "z_fp32_tiles"
 
 

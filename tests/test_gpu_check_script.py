@@ -16,9 +16,9 @@ def test_gpu_check_smoke(tmp_path):
     assert [r["op"] for r in report["records"]] == ["Z", "Z", "Z+G+y", "Z+G+y"]
     for record in report["records"]:
         assert set(record["ms"]) == {"torch_fp32_addmm", "torch_bf16_mm", "torch_fp64_z", "triton", "triton_compacted",
-                                     "triton_auto_compacted"}
+                                     "triton_mixed_compacted"}
         assert all(v > 0 for v in record["tflops"].values())
-    assert len(report["targets"]["auto_over_fp32_kernel"]) == 1 + 4  # the target and each record's ratio
+    assert len(report["targets"]["mixed_over_fp32_kernel"]) == 1 + 4  # the target and each record's ratio
     assert (tmp_path / "gpu_check.txt").read_text().startswith("{")
     solver = report["solver"]
     assert solver["returncode"] == 0

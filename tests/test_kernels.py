@@ -157,10 +157,10 @@ def test_kernel_accumulates_over_calls(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fisher", ["sequence_lowrank", "diagonal"])
 @pytest.mark.parametrize("input_factor_dtype,buffer_tokens",
-                         [("float64", 0), ("float32", 0), ("float32", 4096), ("auto", 0), ("auto", 4096)],
-                         ids=["fp64 Z", "fp32 Z", "fp32 Z, compacted chunks", "auto Z", "auto Z, compacted chunks"])
+                         [("float64", 0), ("float32", 0), ("float32", 4096), ("mixed", 0), ("mixed", 4096)],
+                         ids=["fp64 Z", "fp32 Z", "fp32 Z, compacted chunks", "mixed Z", "mixed Z, compacted chunks"])
 def test_collect_statistics_with_backend_equals_torch(backend, fisher, input_factor_dtype, buffer_tokens, monkeypatch):
-    """fp32 and auto Z go through the kernel (``float64`` Z stays on torch; auto on a half-precision
+    """fp32 and mixed Z go through the kernel (``float64`` Z stays on torch; mixed on a half-precision
     model, whose products fp32 holds exactly); with buffering (``diagonal`` only) the kernels read
     compacted chunks gathered across batches."""
     import lora_da
@@ -169,7 +169,7 @@ def test_collect_statistics_with_backend_equals_torch(backend, fisher, input_fac
 
     monkeypatch.setattr(memory, "BUFFER_SHARE_OF_ACCUMULATORS", 1e6)  # chunks as large as asked on a tiny model
     half = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
-    model = tiny_llama(seed=30, dtype=half if input_factor_dtype == "auto" else torch.float32).to(DEVICE)
+    model = tiny_llama(seed=30, dtype=half if input_factor_dtype == "mixed" else torch.float32).to(DEVICE)
     batches = random_batches([2, 3, 4], seed=31, padding="left")
     cfg = lora_da.LoraDAConfig(output_fisher=fisher, token_mask="labels", input_factor_dtype=input_factor_dtype,
                                buffer_tokens=buffer_tokens, population_size=9)
@@ -188,7 +188,7 @@ def test_collect_statistics_with_backend_equals_torch(backend, fisher, input_fac
     assert bool(calls) == (input_factor_dtype == "float64")  # the torch reference is asked for fp64 Z only
     wanted = torch.float32 if input_factor_dtype == "float32" else torch.float64
     assert all(e.z_sum.dtype == wanted for e in got.inputs.values())
-    assert got.config[Z_FP32_TILES] == (input_factor_dtype == "auto") and not want.config[Z_FP32_TILES]
+    assert got.config[Z_FP32_TILES] == (input_factor_dtype == "mixed") and not want.config[Z_FP32_TILES]
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()

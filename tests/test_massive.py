@@ -1,4 +1,4 @@
-"""The kernels' fp64 path for Z (``input_factor_dtype="auto"``, ``lora_da.kernels.massive``):
+"""The kernels' fp64 path for Z (``input_factor_dtype="mixed"``, ``lora_da.kernels.massive``):
 the scheme against fp64 truth on inputs with massive activations, and every kernel backend
 against the scheme's PyTorch reference (``split_gram``), masked and compacted, at sizes that span
 many of the GPU's tiles (the interpreter runs those tiles on CPU)."""

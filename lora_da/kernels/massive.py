@@ -1,5 +1,4 @@
-"""How the kernels sum Z into fp64 (``input_factor_dtype="auto"`` on a GPU): fp64-grade at
-kernel speed.
+"""How the kernels sum Z into fp64 (``input_factor_dtype="mixed"`` on a GPU), at kernel speed.
 
 Massive activations (a few features of a few tokens, thousands of times the rest) make Z's
 spectrum span more than fp32 can hold: summed in fp32, the rounding of their rows and columns
