@@ -41,7 +41,7 @@ class Subspace:
     v: torch.Tensor  # V [n, R]
     lora_b: torch.Tensor  # Delta_hat V [m, R]
     values: torch.Tensor  # [R]: v_i^T Omega v_i (the objective's terms)
-    delta_norm2: float  # ||Delta_hat||_F^2 (estimated on the randomized path: ``_BatchedSolver.solve``)
+    delta_norm2: float  # ||Delta_hat||_F^2 (estimated on the randomized path: ``BatchedSolver.solve``)
 
 
 Subspaces = Dict[Tuple[float, str], Subspace]  # (beta, module) -> its solution
