@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -214,8 +214,8 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
 
 
 def _full_space(stats: Statistics, names: List[str], factors: InputFactors, batched: batched_solver.BatchedSolver,
-                cfg: LoraDAConfig, solver: str, betas: List[float], rank: int, population: int, release,
-                info: dict) -> Subspaces:
+                cfg: LoraDAConfig, solver: str, betas: List[float], rank: int, population: int,
+                release: Iterable[str], info: dict) -> Subspaces:
     """The subspaces of ``names`` (one shape) by the exact or the randomized solver, whose
     convergence goes into the shape's report entry ``info``; ``release``: the inputs whose
     factors the randomized solver may forget once stacked."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -188,7 +188,7 @@ def token_space_subspaces(stats: Statistics, names: Sequence[str], bases: TokenB
 
 
 def _problems(stats: Statistics, names: Sequence[str], bases: TokenBases, cfg: LoraDAConfig,
-              rank: int) -> list:
+              rank: int) -> List["_TokenSpaceProblem"]:
     """The ``_TokenSpaceProblem`` of each of ``names`` whose input ``token_space_inputs`` picks, whose
     span has r columns or more and whose G stays in it to the rounding of its sums."""
     problems, factors = [], bases.factors
