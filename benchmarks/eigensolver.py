@@ -148,8 +148,8 @@ def run_randomized_only(stats, ranks, say, save, compare_small_eigh: bool = Fals
             factors, seconds = timed(lambda: lora_da.solve(stats, cfg, solver="randomized", progress=False))
             report = factors.report
             row["seconds"].append(seconds)
-        row["iterations"] = max(entry["iterations"] for entry in report.values())
-        row["max_residual"] = max(entry["residual"] for entry in report.values())
+        row["iterations"] = max(entry.iterations for entry in report.shapes.values())
+        row["max_residual"] = max(entry.residual for entry in report.shapes.values())
         say(f"r={rank:<3} {len(stats.modules)} modules, randomized: {row['seconds'][0]:.2f} s cold, "
             f"{row['seconds'][1]:.2f} s warm, iterations <= {row['iterations']}, residual <= {row['max_residual']:.1e}")
         if compare_small_eigh:
@@ -192,7 +192,7 @@ def run(stats, ranks, with_lobpcg, say, save):
             f_exact, t_exact = timed(lambda: lora_da.solve(sub, cfg, solver="exact", progress=False))
             f_rand, t_rand = timed(lambda: lora_da.solve(sub, cfg, solver="randomized", progress=False))
             report = f_rand.report
-            entry = {"exact_s": t_exact, "randomized_s": t_rand, "report": report}
+            entry = {"exact_s": t_exact, "randomized_s": t_rand, "report": report.to_json()}
             if with_lobpcg:
                 v_lob, t_lob = timed(lambda: lobpcg_10(sub, cfg, names))
                 entry["lobpcg10_s"] = t_lob
@@ -202,7 +202,7 @@ def run(stats, ranks, with_lobpcg, say, save):
             row["per_shape"][s] = entry
             say(f"r={rank:<3} {s:>10} x{len(names):<3} exact {t_exact:7.2f} s   randomized {t_rand:6.2f} s"
                 + (f"   lobpcg-10 {entry['lobpcg10_s']:6.2f} s" if with_lobpcg else "")
-                + f"   iterations {max(v['iterations'] for v in report.values())}")
+                + f"   iterations {max(v.iterations for v in report.shapes.values())}")
         row["seconds"]["exact"] = sum(e["exact_s"] for e in row["per_shape"].values())
         row["seconds"]["randomized"] = sum(e["randomized_s"] for e in row["per_shape"].values())
         row["max_sine"]["randomized"] = max(sine(subspace(exact[n], cfg.gamma), subspace(randomized[n], cfg.gamma))

@@ -141,12 +141,12 @@ def solve_with_phases(stats, rank: int, **options) -> dict:
     meter = Meter()
     meter.time(input_factors.InputFactors, "stacked_inverses", "input factors", factor_flops)
     meter.time(token_space, "token_space_subspaces", "token space")
-    meter.time(batched_solver.BatchedSolver, "operator", "stacking (includes input factors)")
+    meter.time(batched_solver.RandomizedSolver, "operator", "stacking (includes input factors)")
     meter.time(batched_solver, "smallest_eigenvectors", "LOBPCG (includes its applies)")
     meter.time(block_operator.BlockOperator, "omega", "Omega' applies, {dtype}", apply_flops)
     meter.time(batched_solver, "top_singular_values", "sigma")
     meter.time(block_operator.BlockOperator, "gram_norms", "||Delta^T Delta||_F", gram_norm_flops)
-    meter.time(batched_solver.BatchedSolver, "delta_norm2", "diagnostics: ||Delta||_F^2 estimate")
+    meter.time(batched_solver.RandomizedSolver, "delta_norm2", "diagnostics: ||Delta||_F^2 estimate")
     meter.time(solver, "diagnose", "diagnostics: e(A), share, objective")
     try:
         with warnings.catch_warnings():
@@ -163,17 +163,18 @@ def solve_with_phases(stats, rank: int, **options) -> dict:
                                                                  "diagnostics: ||Delta||_F^2 estimate",
                                                                  "diagnostics: e(A), share, objective"))
     return {"total": total, "seconds": seconds, "gflop": {k: v / 1e9 for k, v in meter.flops.items()},
-            "report": {shape: {k: v for k, v in info.items() if k not in ("dampings", "token_space", "unconverged",
-                                                                          "sigma_unconverged", "diagnostics")}
-                       | {"token_space": len(info["token_space"])} | diagnostics_medians(info)
-                       for shape, info in factors.report.items()}}
+            "report": {shape: shape_summary(entry) for shape, entry in factors.report.shapes.items()}}
 
 
-def diagnostics_medians(info: dict) -> dict:
-    """Median input energy and captured share over a shape's modules."""
-    figures = list(info.get("diagnostics", {}).values())
-    return {f"median {key}": round(statistics.median(f[key] for f in figures), 4)
-            for key in ("input_energy", "captured_share")} if figures else {}
+def shape_summary(entry: lora_da.ShapeReport) -> dict:
+    """A shape's solver, module count, convergence, largest iterations and residuals, the modules
+    solved in the span of their tokens, and the median input energy and captured share."""
+    figures = list(entry.diagnostics.values())
+    medians = {f"median {key}": round(statistics.median(getattr(f, key) for f in figures), 4)
+               for key in ("input_energy", "captured_share")} if figures else {}
+    return {"solver": entry.solver, "modules": len(entry.modules), "converged": entry.converged,
+            "iterations": entry.iterations, "residual": entry.residual, "sigma_iterations": entry.sigma_iterations,
+            "sigma_change": entry.sigma_change, "token_space": len(entry.token_space), **medians}
 
 
 def floor_seconds(stats, rates: dict) -> dict:

@@ -44,7 +44,7 @@ def timed(stats: Statistics, span: bool | None, repeats: int) -> tuple:
             times.append(time.perf_counter() - start)
     finally:
         module.token_space_pays = chosen
-    return statistics.median(times), any(info["token_space"] for info in report.values())
+    return statistics.median(times), any(info.token_space for info in report.shapes.values())
 
 
 def main(argv=None) -> None:

@@ -3,6 +3,7 @@ from .collect import collect_statistics
 from .memory import MemoryPlan, plan_memory
 from .config import LoraDAConfig
 from .peft_adapters import InitReport, initialize
+from .report import ModuleReport, ShapeReport, SolveReport
 from .solver import solve, solve_sweep
 from .subspaces import Factors, LoraFactors
 from .statistics import InputStatistics, ModuleStatistics, Statistics
@@ -17,6 +18,9 @@ __all__ = [
     "LoraFactors",
     "Factors",
     "InitReport",
+    "SolveReport",
+    "ShapeReport",
+    "ModuleReport",
     "collect_statistics",
     "plan_memory",
     "MemoryPlan",

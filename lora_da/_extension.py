@@ -38,7 +38,6 @@ def fisher_update(
     input_factor: Optional[torch.Tensor],
     gradients: Sequence[torch.Tensor],
     output_factors: Sequence[torch.Tensor],
-    sequence_sums: Optional[Sequence[torch.Tensor]] = None,
     counted: Optional[int] = None,
 ) -> None:
     """CUDA version of ``reference.fisher_update`` (cuBLAS GEMMs for G and for Z's upper-triangular
@@ -48,7 +47,6 @@ def fisher_update(
     writes fp32 outputs): an fp64 Z gets each call's fp32 sums from a zeroed fp32 [n, n] scratch,
     the massive features summed in fp64 apart (``massive.add_split_gram``)."""
     from .kernels.massive import add_split_gram
-    from .kernels.reference import write_sequence_sums
 
     batch, length, n = x.shape
     tokens = batch * length
@@ -68,6 +66,3 @@ def fisher_update(
         add_split_gram(input_factor, xs, flat_mask, counted, add_rest)
         input_factor = None
     ops().fisher_update_(xs, flat_mask, gs, input_factor, list(gradients), list(output_factors), counted)
-    if sequence_sums is not None:
-        for g, out in zip(gs, sequence_sums):
-            write_sequence_sums(g, flat_mask, batch, length, out)

@@ -9,6 +9,7 @@ import torch
 
 from . import dispatch
 from .config import LoraDAConfig
+from .kernels.reference import write_sequence_sums
 from .memory import z_dtype
 from .statistics import Z_FP32_TILES, InputStatistics, ModuleStatistics, Statistics
 from .targets import Target
@@ -160,10 +161,6 @@ class Accumulators:
         of input ``key``'s modules: into Z, G and y, and this batch's per-sequence sums
         (``counted``: the mask is 1 on the first ``counted`` tokens only, see ``fisher_update``)."""
         names = list(grads)
-        dtype = torch.promote_types(torch.float32, x.dtype)
-        seq = None
-        if self.cfg.output_fisher == "sequence_lowrank":
-            seq = [x.new_empty((x.shape[0], g.shape[-1]), dtype=dtype) for g in grads.values()]
         impl = dispatch.resolve("fisher_update", self.cfg.backend, x.device, x.dtype)
         z_sum = self.inputs[key].z_sum
         if z_sum.dtype == torch.float64 and impl.backend != "torch" and (
@@ -174,11 +171,14 @@ class Accumulators:
             z_sum = None
         self.fp32_tiles |= z_sum is not None and z_sum.dtype == torch.float64 and impl.backend != "torch"
         impl.fn(x, mask, list(grads.values()), z_sum, [self.modules[m].g_sum for m in names],
-                [self.modules[m].y_sum for m in names], seq, counted=counted)
-        if seq is not None:
-            for m, s in zip(names, seq):
+                [self.modules[m].y_sum for m in names], counted=counted)
+        if self.cfg.output_fisher == "sequence_lowrank":
+            dtype = torch.promote_types(torch.float32, x.dtype)
+            for m, grad in grads.items():
+                sums = x.new_empty((x.shape[0], grad.shape[-1]), dtype=dtype)
+                write_sequence_sums(grad, mask, sums)
                 previous = self.batch_seq_sums.get(m)
-                self.batch_seq_sums[m] = s if previous is None else previous + s
+                self.batch_seq_sums[m] = sums if previous is None else previous + sums
 
     def finish_batch(self, batch_size: int) -> None:
         """Close a batch of ``batch_size`` sequences: its per-sequence sums (zeros for a module

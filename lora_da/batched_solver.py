@@ -4,7 +4,7 @@ and the memory they may take."""
 from __future__ import annotations
 
 import functools
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -13,8 +13,9 @@ from .block_operator import BlockOperator
 from .eigensolver import SolveInfo, eigh, smallest_eigenvectors, top_singular_values
 from .input_factors import InputFactors
 from .natural_gradient import check_gradients, delta_scale, natural_gradient, output_scaling, variance_coefficients
+from .report import ModuleReport
 from .statistics import Statistics
-from .subspaces import Subspace, fix_signs
+from .subspaces import Subspace, Subspaces, fix_signs
 
 
 SOLVE_BATCH_BYTES = 2**31  # the randomized solver stacks at most this much of G and the input factors at once
@@ -71,26 +72,33 @@ def exact_subspace(dhat: torch.Tensor, zd_inv: Optional[torch.Tensor], c: float,
     return eigh(0.5 * (omega + omega.T), on_host=eigh_on_host).eigenvectors[:, :rank]
 
 
-def exact_subspaces(stats: Statistics, names: Sequence[str], factors: InputFactors, cfg: LoraDAConfig,
-                    betas: Sequence[float], rank: int, population: int) -> Dict[Tuple[float, str], Subspace]:
-    """The exact solver on the modules ``names``: (beta, module) -> Subspace, one module at a
-    time (Delta by Cholesky solves, then a dense eigenproblem of Omega per beta)."""
-    eigh_on_host = cfg.solver_small_eigh == "host"
-    out = {}
-    for name in names:
-        key = stats.modules[name].input_key
-        ng = natural_gradient(stats, name, factors.cholesky(key), cfg)
-        for beta in betas:
-            c = ng.variance_coefficient(cfg.replace(variance_weight=beta), population,
-                                        lambda key=key: factors.inverse(key))
-            zd_inv = factors.inverse(key) if c != 0.0 else None
-            v = fix_signs(exact_subspace(ng.delta_hat, zd_inv, c, cfg.bias_weight, rank, eigh_on_host))
-            lora_b = ng.delta_hat @ v
-            values = -cfg.bias_weight * lora_b.square().sum(dim=0)
-            if zd_inv is not None:
-                values += c * (v * (zd_inv @ v)).sum(dim=0)
-            out[(beta, name)] = Subspace(v, lora_b, values, float(ng.delta_hat.square().sum()))
-    return out
+class ExactSolver:
+    """The exact chunk solver (``subspaces.ChunkSolver``), one module at a time: Delta by Cholesky
+    solves, then a dense eigenproblem of Omega per beta."""
+
+    def __init__(self, stats: Statistics, cfg: LoraDAConfig, population: int, factors: InputFactors):
+        self.stats, self.cfg, self.population, self.factors = stats, cfg, population, factors
+
+    def solve(self, names: List[str], rank: int, betas: Sequence[float]) -> Tuple[Subspaces, Dict[str, ModuleReport]]:
+        stats, cfg, factors = self.stats, self.cfg, self.factors
+        eigh_on_host = cfg.solver_small_eigh == "host"
+        out, reports = {}, {}
+        for name in names:
+            key = stats.modules[name].input_key
+            ng = natural_gradient(stats, name, factors.cholesky(key), cfg)
+            for beta in betas:
+                c = ng.variance_coefficient(cfg.replace(variance_weight=beta), self.population,
+                                            lambda key=key: factors.inverse(key))
+                zd_inv = factors.inverse(key) if c != 0.0 else None
+                v = fix_signs(exact_subspace(ng.delta_hat, zd_inv, c, cfg.bias_weight, rank, eigh_on_host))
+                lora_b = ng.delta_hat @ v
+                values = -cfg.bias_weight * lora_b.square().sum(dim=0)
+                if zd_inv is not None:
+                    values += c * (v * (zd_inv @ v)).sum(dim=0)
+                out[(beta, name)] = Subspace(v, lora_b, values, float(ng.delta_hat.square().sum()))
+            reports[name] = ModuleReport(factors.damping(key))
+            factors.done([name])
+        return out, reports
 
 
 def chunks(stats, names: List[str], shape: Tuple[int, int, int], budget: int,
@@ -113,17 +121,18 @@ def chunks(stats, names: List[str], shape: Tuple[int, int, int], budget: int,
         yield chunk
 
 
-class BatchedSolver:
-    """The randomized path: stacks modules of one shape on ``device`` and solves them together."""
+class RandomizedSolver:
+    """The randomized chunk solver (``subspaces.ChunkSolver``): stacks the modules of one shape on
+    ``device`` and solves them together."""
 
     def __init__(self, stats: Statistics, cfg: LoraDAConfig, population: int, factors: InputFactors,
                  device: torch.device):
         self.stats, self.cfg, self.population, self.factors, self.device = stats, cfg, population, factors, device
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
-    def operator(self, names, release: Iterable[str] = ()) -> BlockOperator:
-        """Omega' of the modules ``names`` (one shape) with c' = 0; the factors of the inputs in
-        ``release`` are forgotten once stacked. Stacks are filled one module at a time."""
+    def operator(self, names) -> BlockOperator:
+        """Omega' of the modules ``names`` (one shape) with c' = 0; the input factors are done with
+        once stacked. Stacks are filled one module at a time."""
         stats, cfg, factors, device = self.stats, self.cfg, self.factors, self.device
         keys = [stats.modules[name].input_key for name in names]
         distinct = list(dict.fromkeys(keys))
@@ -138,22 +147,20 @@ class BatchedSolver:
             bias_weight=cfg.bias_weight,
             make_zd=lambda: stacked([lambda key=key: factors.damped(key) for key in distinct]),
         )
-        for key in release:
-            factors.release(key)
+        factors.done(names)
         check_gradients(names, op.gradient)
         return op
 
-    def solve(self, names, rank: int, variance_weights: Sequence[float], release: Iterable[str] = ()):
-        """([per variance weight: ([Subspace per module], SolveInfo)], sigma's SolveInfo) for the
-        modules ``names`` (one shape); the operator, sigma and ||Delta||_F are shared by the
-        variance weights."""
-        op, cfg = self.operator(names, release), self.cfg
+    def solve(self, names: List[str], rank: int, betas: Sequence[float]) -> Tuple[Subspaces, Dict[str, ModuleReport]]:
+        """The operator, sigma and ||Delta||_F are shared by the variance weights ``betas``; each
+        module's report takes the largest iteration count and residual over them."""
+        op, cfg = self.operator(names), self.cfg
         working = op.to(torch.float32) if cfg.solver_mixed_precision else None
         eigh_on_host = cfg.solver_small_eigh == "host"
         sigma = sigma_info = norms_of_delta = None
         norms = functools.lru_cache(maxsize=None)(lambda: (op.gram_norms(), op.inverse_norms()))
-        results = []
-        for beta in variance_weights:
+        subspaces, runs = {}, []
+        for beta in betas:
             op.variance = variance_coefficients(cfg, beta, op.d.sum(dim=1), self.population, norms)
             if working is not None:
                 working.variance = op.variance.to(working.variance.dtype)
@@ -162,6 +169,7 @@ class BatchedSolver:
                 max_iterations=cfg.solver_max_iterations, generator=self.generator, working=working,
                 eigh_on_host=eigh_on_host,
             )
+            runs.append(convergence)
             if sigma is None:
                 if cfg.normalize_delta:
                     sigma, sigma_info = top_singular_values(op, block=8, tolerance=SIGMA_TOLERANCE,
@@ -176,9 +184,16 @@ class BatchedSolver:
             values = (v * op.omega(v)).sum(dim=1) / scale**2
             if norms_of_delta is None:
                 norms_of_delta = self.delta_norm2(op, v, delta_v) / scale[:, 0] ** 2
-            results.append(([Subspace(v[i], delta_v[i] / scale[i], values[i], float(norms_of_delta[i]))
-                              for i in range(len(names))], convergence))
-        return results, sigma_info
+            subspaces.update({(beta, name): Subspace(v[i], delta_v[i] / scale[i], values[i], float(norms_of_delta[i]))
+                              for i, name in enumerate(names)})
+        reports = {name: ModuleReport(
+            self.factors.damping(self.stats.modules[name].input_key),
+            iterations=max(int(run.iterations[i]) for run in runs),
+            residual=max(float(run.residuals[i]) for run in runs),
+            converged=all(bool(run.converged[i]) for run in runs),
+            sigma_iterations=int(sigma_info.iterations[i]), sigma_change=float(sigma_info.residuals[i]),
+            sigma_converged=bool(sigma_info.converged[i])) for i, name in enumerate(names)}
+        return subspaces, reports
 
     def delta_norm2(self, op: BlockOperator, v: torch.Tensor, delta_v: torch.Tensor) -> torch.Tensor:
         """||Delta_b||_F^2 [b], without forming Delta: ||Delta V||^2 (exact, V [b, n, R] orthonormal,

@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from .report import SolveReport
 from .statistics import Statistics
 
 
@@ -77,22 +78,10 @@ def check_same_layout(stats: Statistics, device: torch.device) -> None:
                          f"batches that reach every targeted module): {shown}")
 
 
-def merge_reports(report: Dict[str, dict], device: torch.device) -> Dict[str, dict]:
-    """The solver reports of every rank's share as one (see ``solve.Factors``): module counts
-    add, iterations and residuals take the largest, unconverged modules are pooled. ``device``:
-    where the process group's collectives run."""
-    merged: Dict[str, dict] = {}
-    for part in _gather_json(report, device):
-        for shape, info in part.items():
-            into = merged.setdefault(shape, {"solver": info["solver"], "modules": 0, "converged": True})
-            into["modules"] += info["modules"]
-            into["converged"] = into["converged"] and info["converged"]
-            for key, value in info.items():
-                if isinstance(value, dict):
-                    into.setdefault(key, {}).update(value)
-                elif key not in ("solver", "modules", "converged"):
-                    into[key] = max(value, into.get(key, value))
-    return merged
+def merge_reports(report: SolveReport, device: torch.device) -> SolveReport:
+    """The solver reports of every rank's share as one (``SolveReport.union``). ``device``: where
+    the process group's collectives run."""
+    return SolveReport.union([SolveReport.from_json(part) for part in _gather_json(report.to_json(), device)])
 
 
 def reduce_statistics(stats: Statistics, to_owners: bool = False) -> None:

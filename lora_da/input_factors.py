@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from collections import Counter
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -40,13 +41,17 @@ def scaled_damping(damping: float, scale: float) -> float:
 class InputFactors:
     """Per distinct input of ``stats``, in fp64 on ``device``: the lower Cholesky factor L of
     Zd = Z + damping I [n, n], Zd^-1 and Zd, each made once, one-threaded (the same bits however
-    it is reached), and kept until ``release``. The damping of each input is chosen once
-    (``damping``): the config's (times tr(Z) / n where it is ``relative``), or the rounding floor
-    of Z's sums where that is larger (``rounding_floor``). On CPUs ``stacked_inverses`` makes the
-    factors of several inputs side by side on host threads."""
+    it is reached), and kept while a module still to be solved reads them: ``readers`` are the
+    modules to solve, and each solver says ``done`` with the modules it has solved. The damping of
+    each input is chosen once (``damping``): the config's (times tr(Z) / n where it is
+    ``relative``), or the rounding floor of Z's sums where that is larger (``rounding_floor``). On
+    CPUs ``stacked_inverses`` makes the factors of several inputs side by side on host threads."""
 
-    def __init__(self, stats: Statistics, damping: float, device: torch.device, relative: bool = False):
+    def __init__(self, stats: Statistics, damping: float, device: torch.device, relative: bool = False,
+                 readers: Iterable[str] = ()):
         self.stats, self.config_damping, self.device, self.relative = stats, damping, device, relative
+        self.readers = Counter(stats.modules[name].input_key for name in readers)  # key -> modules still to read it
+        self.on_release: List[Callable[[str], None]] = []  # called with each released input (``TokenBases``)
         self.factors: Dict[str, torch.Tensor] = {}  # key -> L (or the buffer ``stacked_inverses`` factors into)
         self.inverses: Dict[str, torch.Tensor] = {}  # key -> Zd^-1
         self.floors: Dict[str, float] = {}  # key -> the rounding floor of Z's sums
@@ -141,7 +146,17 @@ class InputFactors:
                 factor_and_invert(j)
         return out
 
+    def done(self, names: Iterable[str]) -> None:
+        """The modules ``names`` are solved: release the inputs that no module still to be solved reads."""
+        for name in names:
+            key = self.stats.modules[name].input_key
+            self.readers[key] -= 1
+            if self.readers[key] <= 0:
+                self.release(key)
+
     def release(self, key: str) -> None:
-        """Forget the factors of an input no module still to be solved reads."""
+        """Forget the factors of input ``key`` (its damping stays: the report reads it)."""
         for cache in (self.factors, self.inverses):
             cache.pop(key, None)
+        for release in self.on_release:
+            release(key)

@@ -13,6 +13,7 @@ from torch import nn
 from .batches import execution_device
 from .collect import collect_statistics, population_size_warning
 from .config import LoraDAConfig, resolve_config
+from .report import Diagnostics, SolveReport
 from .solver import check_ranks, solve
 from .subspaces import LoraFactors
 from .statistics import Statistics
@@ -33,7 +34,7 @@ class InitReport:
     seconds: Dict[str, float]  # collect, solve, apply
     statistics_bytes: int
     peak_memory_bytes: Optional[int]  # accelerator peak during initialize; None on CPU
-    solver: Dict[str, dict]  # per module shape: what ``solve``'s Factors.report holds
+    solver: SolveReport  # how each module was solved: ``solve``'s Factors.report
     passes: int = 1  # passes over the calibration data (more than one under a memory budget)
     warnings: List[str] = field(default_factory=list)  # what the user should act on, printed first
 
@@ -53,32 +54,32 @@ class InitReport:
         ]
         if self.peak_memory_bytes is not None:
             lines.append(f"  peak memory {self.peak_memory_bytes / 2**20:.1f} MiB")
-        figures = [f for info in self.solver.values() for f in info.get("diagnostics", {}).values()]
+        figures = list(self.solver.diagnostics().values())
         if figures:
             lines.append("  subspace    " + _median_and_min(figures))
-        for shape, info in self.solver.items():
-            detail = (f", {info['iterations']} iterations, residual {info['residual']:.1e}"
-                      if "iterations" in info else "")
-            if info.get("token_space"):
-                detail += f", {len(info['token_space'])} in the span of their input's tokens"
-            dampings = info.get("dampings", {})
-            if dampings and max(dampings.values()) > min(dampings.values()):
-                detail += f", damping {min(dampings.values()):.1e} to {max(dampings.values()):.1e}"
+        for shape, entry in self.solver.shapes.items():
+            detail = (f", {entry.iterations} iterations, residual {entry.residual:.1e}"
+                      if entry.iterations is not None else "")
+            if entry.token_space:
+                detail += f", {len(entry.token_space)} in the span of their input's tokens"
+            dampings = entry.dampings.values()
+            if dampings and max(dampings) > min(dampings):
+                detail += f", damping {min(dampings):.1e} to {max(dampings):.1e}"
             elif dampings:
-                detail += f", damping {max(dampings.values()):.1e}"
-            stalled = sorted({**info.get("unconverged", {}), **info.get("sigma_unconverged", {})})
+                detail += f", damping {max(dampings):.1e}"
+            stalled = sorted({**entry.unconverged, **entry.sigma_unconverged})
             detail += f", NOT CONVERGED: {', '.join(stalled)}" if stalled else ""
-            lines.append(f"  solve       {shape}: {info['modules']} modules, {info['solver']}{detail}")
-            if info.get("diagnostics"):
-                lines.append(f"              {_median_and_min(list(info['diagnostics'].values()))}")
+            lines.append(f"  solve       {shape}: {len(entry.modules)} modules, {entry.solver}{detail}")
+            if entry.diagnostics:
+                lines.append(f"              {_median_and_min(list(entry.diagnostics.values()))}")
         return "\n".join(lines)
 
 
-def _median_and_min(figures: List[Dict[str, float]]) -> str:
+def _median_and_min(figures: List[Diagnostics]) -> str:
     """Median and minimum of the input energy and captured share over modules (``subspaces.diagnose``)."""
     parts = []
     for key, label in (("input_energy", "input energy e(A)"), ("captured_share", "share of |Delta_hat|^2")):
-        values = torch.tensor([f[key] for f in figures])
+        values = torch.tensor([getattr(f, key) for f in figures])
         parts.append(f"{label} median {float(values.median()):.3g} (min {float(values.min()):.3g})")
     return ", ".join(parts)
 

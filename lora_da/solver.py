@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import Counter
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from . import batched_solver, dispatch, distributed, token_space
 from .config import LoraDAConfig, resolve_config
-from .eigensolver import SolveInfo
 from .input_factors import InputFactors
+from .report import SolveReport
 from .statistics import Statistics
-from .subspaces import Factors, LoraFactors, Subspaces, diagnose, factor_pair
+from .subspaces import ChunkSolver, Factors, LoraFactors, Subspaces, diagnose, factor_pair
 
 
 def check_ranks(shapes: Mapping[str, Tuple[int, int]], ranks: Mapping[str, int]) -> None:
@@ -127,7 +126,7 @@ def _solve_pinned(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str
         owners = ({name: stats.layout[name][0] for name in names} if stats.layout is not None
                   else distributed.module_owners(list(groups.values()), place[1]))
         mine = {key: [n for n in group if owners[n] == place[0]] for key, group in groups.items()}
-        subspaces, report, error = {}, {}, None
+        subspaces, report, error = {}, SolveReport(), None
         try:
             check_counted_tokens(stats)  # of this rank's own inputs when sharded
             subspaces, report = _solve_groups(stats, cfg, {k: g for k, g in mine.items() if g}, betas, device, progress,
@@ -155,55 +154,43 @@ def _solve_pinned(stats: Statistics, cfg: LoraDAConfig, rank_sets: List[Dict[str
 
 def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, int, int], List[str]],
                   betas: List[float], device: torch.device, progress: bool,
-                  diagnosed: Optional[Tuple[float, Dict[str, int]]] = None) -> Tuple[Subspaces, Dict[str, dict]]:
+                  diagnosed: Optional[Tuple[float, Dict[str, int]]] = None) -> Tuple[Subspaces, SolveReport]:
     """Subspaces of the modules in ``groups`` ((m, n, largest rank) -> names) for every beta, and
-    the report; warns of the modules left unconverged. ``diagnosed`` = (beta, module -> rank): the
-    factors whose ``diagnose`` figures go into the report as ``diagnostics`` (module -> figures;
-    a single solve only: a sweep's sets share one report)."""
+    the report; warns of the modules left unconverged. Each chunk goes to the token space's solver
+    first and what it leaves to the exact or the randomized one. ``diagnosed`` = (beta, module ->
+    rank): the factors whose ``diagnose`` figures go into the report (a single solve only: a
+    sweep's sets share one report)."""
     population = cfg.population_size or stats.population_size
     budget = batched_solver.solve_batch_bytes(device)
     chunks = [(shape, chunk) for shape, group in groups.items()
               for chunk in batched_solver.chunks(stats, group, shape, budget, batched_solver.solve_batch_modules(
                   device, shape[1], shape[2] + cfg.solver_oversampling))]
-    readers = Counter(stats.modules[n].input_key for _, chunk in chunks for n in chunk)
-    widths_left = Counter(shape[1] for shape, _ in chunks)  # chunks still to solve, per in_features
-    factors = InputFactors(stats, cfg.damping, device, relative=cfg.damping_mode == "relative")
-    bases = token_space.TokenBases(factors, cfg.seed)
-    batched = batched_solver.BatchedSolver(stats, cfg, population, factors, device)
-    eigh_on_host = cfg.solver_small_eigh == "host"
+    factors = InputFactors(stats, cfg.damping, device, relative=cfg.damping_mode == "relative",
+                           readers=[name for _, chunk in chunks for name in chunk])
+    in_token_space = token_space.TokenSpaceSolver(stats, cfg, population, factors, budget)
+    full_space: Dict[str, ChunkSolver] = {
+        "exact": batched_solver.ExactSolver(stats, cfg, population, factors),
+        "randomized": batched_solver.RandomizedSolver(stats, cfg, population, factors, device)}
     subspaces: Subspaces = {}
-    report: Dict[str, dict] = {}
+    report = SolveReport()
     for (m, n, rank), chunk in tqdm(chunks, desc="lora_da solve", unit="batch",
                                     disable=not progress or not distributed.is_main_process()):
         check_finite(stats, chunk)
-        readers.subtract(stats.modules[name].input_key for name in chunk)
-        # factors of inputs that no later chunk reads are dropped as soon as they are used: they add up to GBs
-        last_readers = {stats.modules[name].input_key for name in chunk} - {k for k, c in readers.items() if c > 0}
         solver = batched_solver.resolve_solver(cfg.solver, n)
-        info = report.setdefault(f"{m}x{n}, r={rank}", {"solver": solver, "modules": 0, "converged": True})
-        info["modules"] += len(chunk)
-        in_token_space = token_space.token_space_subspaces(stats, chunk, bases, cfg, betas, rank, population,
-                                                           eigh_on_host, budget)
-        for name, found in in_token_space.items():
-            subspaces.update({(beta, name): subspace for beta, subspace in found.items()})
-        info.setdefault("token_space", {}).update(
-            {name: bases.bases[stats.modules[name].input_key][0].shape[1] for name in in_token_space})
-        rest = [name for name in chunk if name not in in_token_space]
-        if rest:
-            subspaces.update(_full_space(stats, rest, factors, batched, cfg, solver, betas, rank, population,
-                                         last_readers, info))
-        info.setdefault("dampings", {}).update({name: factors.damping(stats.modules[name].input_key) for name in chunk})
+        entry = report.shape(f"{m}x{n}, r={rank}", solver)
+        left = chunk
+        for chunk_solver in (in_token_space, full_space[solver]):
+            found, modules = chunk_solver.solve(left, rank, betas)
+            subspaces.update(found)
+            entry.modules.update(modules)
+            left = [name for name in left if name not in modules]
+            if not left:
+                break
         if diagnosed is not None:
             beta, ranks = diagnosed
-            info.setdefault("diagnostics", {}).update(
-                {name: diagnose(subspaces[(beta, name)], ranks[name], factors.z(stats.modules[name].input_key), cfg)
-                 for name in chunk})
-        for key in last_readers:
-            factors.release(key)
-            bases.release(key)
-        widths_left[n] -= 1
-        if not widths_left[n]:
-            bases.release_probes(n)
+            for name in chunk:
+                entry.modules[name].diagnostics = diagnose(subspaces[(beta, name)], ranks[name],
+                                                           factors.z(stats.modules[name].input_key), cfg)
     warn_unconverged(report, cfg)
     if factors.redamped:
         warnings.warn(f"lora_da: the input factors of {[stats.inputs[key].modules for key in factors.redamped]}, "
@@ -213,40 +200,12 @@ def _solve_groups(stats: Statistics, cfg: LoraDAConfig, groups: Dict[Tuple[int, 
     return subspaces, report
 
 
-def _full_space(stats: Statistics, names: List[str], factors: InputFactors, batched: batched_solver.BatchedSolver,
-                cfg: LoraDAConfig, solver: str, betas: List[float], rank: int, population: int,
-                release: Iterable[str], info: dict) -> Subspaces:
-    """The subspaces of ``names`` (one shape) by the exact or the randomized solver, whose
-    convergence goes into the shape's report entry ``info``; ``release``: the inputs whose
-    factors the randomized solver may forget once stacked."""
-    if solver == "exact":
-        return batched_solver.exact_subspaces(stats, names, factors, cfg, betas, rank, population)
-    subspaces = {}
-    results, sigma_info = batched.solve(names, rank, betas, release)
-    for beta, (found, convergence) in zip(betas, results):
-        subspaces.update({(beta, name): subspace for name, subspace in zip(names, found)})
-        _record(info, names, convergence, "iterations", "residual", "unconverged")
-    _record(info, names, sigma_info, "sigma_iterations", "sigma_change", "sigma_unconverged")
-    return subspaces
-
-
-def _record(info: dict, names: Sequence[str], convergence: SolveInfo, iterations: str, residual: str,
-            unconverged: str) -> None:
-    """Fold one batch's convergence into a shape's report entry under the given keys."""
-    info[iterations] = max(int(convergence.iterations.max()), info.get(iterations, 0))
-    info[residual] = max(float(convergence.residuals.max()), info.get(residual, 0.0))
-    stalled = info.setdefault(unconverged, {})
-    stalled.update({names[i]: float(convergence.residuals[i]) for i in (~convergence.converged).nonzero().flatten()})
-    info["converged"] = info["converged"] and not stalled
-
-
-def warn_unconverged(report: Dict[str, dict], cfg: LoraDAConfig) -> None:
+def warn_unconverged(report: SolveReport, cfg: LoraDAConfig) -> None:
     """A RuntimeWarning naming every module whose eigenvectors or sigma stopped at
     ``solver_max_iterations`` before the tolerance, with its residual."""
     parts = []
-    for key, what, tolerance in (("unconverged", "subspace residual", cfg.solver_tolerance),
-                                 ("sigma_unconverged", "sigma^2 change", batched_solver.SIGMA_TOLERANCE)):
-        stalled = {name: value for info in report.values() for name, value in info.get(key, {}).items()}
+    for stalled, what, tolerance in ((report.unconverged(), "subspace residual", cfg.solver_tolerance),
+                                     (report.sigma_unconverged(), "sigma^2 change", batched_solver.SIGMA_TOLERANCE)):
         if stalled:
             listed = ", ".join(f"{name} ({value:.1e})" for name, value in stalled.items())
             parts.append(f"{len(stalled)} module(s) above the {what} tolerance {tolerance:g}: {listed}")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Tuple
+from typing import Dict, List, Mapping, Protocol, Sequence, Tuple
 
 import torch
 
 from .config import LoraDAConfig
+from .report import Diagnostics, ModuleReport, SolveReport
 
 
 @dataclass
@@ -19,17 +20,10 @@ class LoraFactors:
 
 
 class Factors(dict):
-    """{module name: LoraFactors}, as ``solve`` returns them, with ``report``: what the solver did
-    per module shape ("m x n, r=..") as ``{"solver", "modules", "converged"}``, ``dampings``:
-    module -> the damping of its input factor (the config's, or the rounding floor of fp32 sums,
-    see ``InputFactors``), ``token_space``: module -> s for the modules solved in the span of their
-    input's s tokens (``token_space_subspaces``), and for the
-    randomized solver the largest ``iterations`` and ``residual`` of the eigenvectors, the largest
-    ``sigma_iterations`` and ``sigma_change`` (last relative change of sigma^2) of the sigma
-    iteration, and ``unconverged`` / ``sigma_unconverged``: module -> residual or change, for the
-    modules that stopped at ``solver_max_iterations`` before their tolerance."""
+    """{module name: LoraFactors}, as ``solve`` returns them, with ``report``: how each module was
+    solved (``report.SolveReport``)."""
 
-    def __init__(self, factors: Mapping[str, LoraFactors], report: Dict[str, dict]):
+    def __init__(self, factors: Mapping[str, LoraFactors], report: SolveReport):
         super().__init__(factors)
         self.report = report
 
@@ -45,6 +39,16 @@ class Subspace:
 
 
 Subspaces = Dict[Tuple[float, str], Subspace]  # (beta, module) -> its solution
+
+
+class ChunkSolver(Protocol):
+    """A solver of a chunk of modules of one shape: in the span of their inputs' tokens
+    (``token_space.TokenSpaceSolver``), exact or randomized (``batched_solver``)."""
+
+    def solve(self, names: List[str], rank: int, betas: Sequence[float]) -> Tuple[Subspaces, Dict[str, ModuleReport]]:
+        """The subspaces at rank ``rank``, for every beta, of those of ``names`` it solves (all of
+        them, but for the token space's), and a report per solved module. It tells the input
+        factors it is ``done`` with each module it solved."""
 
 
 def column_signs(v: torch.Tensor) -> torch.Tensor:
@@ -76,7 +80,7 @@ def factor_pair(subspace: Subspace, rank: int, cfg: LoraDAConfig) -> Tuple[torch
     return balanced(lora_b, v) if cfg.balance_factors else (lora_b, v.T)
 
 
-def diagnose(subspace: Subspace, rank: int, z: torch.Tensor, cfg: LoraDAConfig) -> Dict[str, float]:
+def diagnose(subspace: Subspace, rank: int, z: torch.Tensor, cfg: LoraDAConfig) -> Diagnostics:
     """What the chosen subspace is, for a module with input factor Z [n, n]:
     ``input_energy`` e(A) = tr(A Z A^T) / tr(A A^T) / (tr Z / n), the input energy along lora_A
     relative to a random direction; ``captured_share`` = ||Delta_hat V||_F^2 / ||Delta_hat||_F^2;
@@ -84,4 +88,4 @@ def diagnose(subspace: Subspace, rank: int, z: torch.Tensor, cfg: LoraDAConfig) 
     lora_a = factor_pair(subspace, rank, cfg)[1].to(z.dtype)
     energy = float((lora_a @ z * lora_a).sum() / lora_a.square().sum() / (z.diagonal().sum() / z.shape[0]))
     share = float(subspace.lora_b[:, :rank].square().sum()) / subspace.delta_norm2
-    return {"input_energy": energy, "captured_share": share, "objective": float(subspace.values[:rank].sum())}
+    return Diagnostics(energy, share, float(subspace.values[:rank].sum()))

@@ -13,8 +13,9 @@ from .batched_solver import SOLVE_BATCH_BYTES, resolve_solver
 from .eigensolver import eigh
 from .input_factors import InputFactors
 from .natural_gradient import check_gradients, delta_scale, output_scaling, variance_coefficients
+from .report import ModuleReport
 from .statistics import Statistics
-from .subspaces import Subspace, fix_signs
+from .subspaces import Subspace, Subspaces, fix_signs
 
 
 TOKEN_BASIS_OVERSAMPLING = 8  # extra columns of the range finder of Z when it has fewer tokens than features
@@ -30,12 +31,14 @@ RANDOMIZED_ITERATIONS_COUNTED = 16
 
 class TokenBases:
     """Per input with fewer counted tokens than features: Z's eigenbasis in the span of its tokens
-    (``basis``) and the Gaussians of its range finder and sketches (``probe``), kept until released."""
+    (``basis``) and the Gaussians of its range finder and sketches (``probe``), released with the
+    input's factors (``InputFactors.release``)."""
 
     def __init__(self, factors: InputFactors, seed: int = 0):
         self.factors, self.seed = factors, seed
         self.bases: Dict[str, Optional[Tuple[torch.Tensor, torch.Tensor]]] = {}  # key -> basis
         self.probes: Dict[Tuple[int, int], torch.Tensor] = {}  # (n, columns) -> a Gaussian
+        factors.on_release.append(self.release)
 
     def basis(self, key: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """For an input with fewer counted tokens than features (T + TOKEN_BASIS_OVERSAMPLING < n),
@@ -71,13 +74,14 @@ class TokenBases:
         return self.probes[(n, columns)]
 
     def release(self, key: str) -> None:
-        """Forget the basis of an input no module still to be solved reads."""
+        """Forget the basis of input ``key``, and the Gaussians of its width once no input of that
+        width is still read."""
         self.bases.pop(key, None)
-
-    def release_probes(self, n: int) -> None:
-        """Forget the Gaussians of inputs with n features, once none is left to solve."""
-        for size in [size for size in self.probes if size[0] == n]:
-            del self.probes[size]
+        inputs = self.factors.stats.inputs
+        n = inputs[key].z_sum.shape[0]
+        if not any(count > 0 and inputs[k].z_sum.shape[0] == n for k, count in self.factors.readers.items()):
+            for size in [size for size in self.probes if size[0] == n]:
+                del self.probes[size]
 
 
 def sketched_outside(gradient: torch.Tensor, projected: torch.Tensor, w: torch.Tensor, probe: torch.Tensor) -> float:
@@ -185,6 +189,26 @@ def token_space_subspaces(stats: Statistics, names: Sequence[str], bases: TokenB
                         v, lora_b, values[i, :rank] / float(scale[i]) ** 2,
                         float(problem.delta.square().sum()) / float(scale[i]) ** 2)
     return {name: found for name, found in out.items() if len(found) == len(betas)}
+
+
+class TokenSpaceSolver:
+    """The chunk solver (``subspaces.ChunkSolver``) in the span of the inputs' tokens: it solves
+    those modules of a chunk that ``token_space_subspaces`` can, and leaves the rest."""
+
+    def __init__(self, stats: Statistics, cfg: LoraDAConfig, population: int, factors: InputFactors,
+                 budget: int = SOLVE_BATCH_BYTES):
+        self.stats, self.cfg, self.population, self.factors, self.budget = stats, cfg, population, factors, budget
+        self.bases = TokenBases(factors, cfg.seed)
+
+    def solve(self, names: List[str], rank: int, betas: Sequence[float]) -> Tuple[Subspaces, Dict[str, ModuleReport]]:
+        found = token_space_subspaces(self.stats, names, self.bases, self.cfg, betas, rank, self.population,
+                                      self.cfg.solver_small_eigh == "host", self.budget)
+        reports = {}
+        for name in found:
+            key = self.stats.modules[name].input_key
+            reports[name] = ModuleReport(self.factors.damping(key), token_space=self.bases.bases[key][0].shape[1])
+        self.factors.done(found)
+        return {(beta, name): subspace for name, per_beta in found.items() for beta, subspace in per_beta.items()}, reports
 
 
 def _problems(stats: Statistics, names: Sequence[str], bases: TokenBases, cfg: LoraDAConfig,

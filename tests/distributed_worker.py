@@ -67,7 +67,7 @@ def main(golden: Path, out: Path, mode: str, count: int) -> None:
         tensors = {f"{n}.{k}": getattr(f, k) for n, f in factors.items() for k in ("lora_A", "lora_B")}
         tensors["num_sequences"] = torch.tensor(stats.num_sequences)
         stalled = lora_da.solve(stats, cfg, solver="randomized", solver_max_iterations=1, progress=False)
-        (out / f"rank{rank}.reports.json").write_text(json.dumps({"exact": factors.report, "stalled": stalled.report}))
+        (out / f"rank{rank}.reports.json").write_text(json.dumps({"exact": factors.report.to_json(), "stalled": stalled.report.to_json()}))
     elif mode == "sampler":
         sequences = [{k: v[0] for k, v in b.items()} for b in batches]
         loader = DataLoader(sequences, batch_size=1, sampler=DistributedSampler(sequences, shuffle=False))

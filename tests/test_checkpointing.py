@@ -1,6 +1,5 @@
 """Activation checkpointing: forwards run twice (reentrant and non-reentrant recomputation), each
 use counted once, statistics equal to those without checkpointing; the QLoRA recipe's defaults."""
-import functools
 
 import pytest
 import torch

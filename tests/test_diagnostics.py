@@ -37,23 +37,23 @@ def dense_figures(stats, name, factors, cfg):
 def test_exact_solver_diagnostics_match_dense_matrices(stats, balance):
     cfg = CFG.replace(solver="exact", balance_factors=balance)
     factors = lora_da.solve(stats, cfg, progress=False)
-    found = {name: f for info in factors.report.values() for name, f in info["diagnostics"].items()}
+    found = {name: f for info in factors.report.shapes.values() for name, f in info.diagnostics.items()}
     assert found.keys() == factors.keys()
     for name, figures in found.items():
         want = dense_figures(stats, name, factors[name], cfg)
         for key in ("captured_share", "objective", "input_energy"):  # e(A) of the lora_A written, balanced or not
-            assert figures[key] == pytest.approx(want[key], rel=1e-8, abs=1e-12), (name, key)
+            assert getattr(figures, key) == pytest.approx(want[key], rel=1e-8, abs=1e-12), (name, key)
 
 
 def test_randomized_solver_diagnostics_agree_with_the_exact_ones(stats):
     exact = lora_da.solve(stats, CFG, solver="exact", progress=False).report
     randomized = lora_da.solve(stats, CFG, solver="randomized", progress=False).report
-    for shape, info in exact.items():
-        for name, want in info["diagnostics"].items():
-            got = randomized[shape]["diagnostics"][name]
-            assert got["input_energy"] == pytest.approx(want["input_energy"], rel=1e-6)
-            assert got["objective"] == pytest.approx(want["objective"], rel=1e-6, abs=1e-9)
-            assert got["captured_share"] == pytest.approx(want["captured_share"], rel=0.25)  # 16 probes: an estimate
+    for shape, info in exact.shapes.items():
+        for name, want in info.diagnostics.items():
+            got = randomized.shapes[shape].diagnostics[name]
+            assert got.input_energy == pytest.approx(want.input_energy, rel=1e-6)
+            assert got.objective == pytest.approx(want.objective, rel=1e-6, abs=1e-9)
+            assert got.captured_share == pytest.approx(want.captured_share, rel=0.25)  # 16 probes: an estimate
 
 
 def test_randomized_estimate_of_the_delta_norm_is_unbiased(stats, monkeypatch):
@@ -61,10 +61,10 @@ def test_randomized_estimate_of_the_delta_norm_is_unbiased(stats, monkeypatch):
     monkeypatch.setattr(sys.modules["lora_da.batched_solver"], "DELTA_NORM_PROBES", 4000)
     exact = lora_da.solve(stats, CFG, solver="exact", progress=False).report
     randomized = lora_da.solve(stats, CFG, solver="randomized", progress=False).report
-    for shape, info in exact.items():
-        for name, want in info["diagnostics"].items():
-            got = randomized[shape]["diagnostics"][name]["captured_share"]
-            assert got == pytest.approx(want["captured_share"], rel=0.05), name
+    for shape, info in exact.shapes.items():
+        for name, want in info.diagnostics.items():
+            got = randomized.shapes[shape].diagnostics[name].captured_share
+            assert got == pytest.approx(want.captured_share, rel=0.05), name
 
 
 def test_initialize_prints_median_and_minimum():
@@ -74,9 +74,9 @@ def test_initialize_prints_median_and_minimum():
     report = lora_da.initialize(model, random_batches([2, 3], seed=2), population_size=10, progress=False)
     text = str(report)
     assert "subspace    input energy e(A) median" in text and "share of |Delta_hat|^2 median" in text
-    assert all(len(info["diagnostics"]) == info["modules"] for info in report.solver.values())
+    assert all(len(info.diagnostics) == len(info.modules) for info in report.solver.shapes.values())
 
 
 def test_a_sweep_carries_no_diagnostics(stats):
     sweep = lora_da.solve_sweep(stats, CFG, variance_weights=[0.0, 0.03], progress=False)
-    assert all("diagnostics" not in info for factors in sweep.values() for info in factors.report.values())
+    assert all(not info.diagnostics for factors in sweep.values() for info in factors.report.shapes.values())

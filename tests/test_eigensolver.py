@@ -154,9 +154,9 @@ def test_randomized_solve_equals_exact_on_a_model(beta, mixed):
     exact = lora_da.solve(stats, cfg, solver="exact", progress=False)
     fast = lora_da.solve(stats, cfg, solver="randomized", progress=False)
     report = fast.report
-    assert {info["solver"] for info in report.values()} == {"randomized"}
-    assert all(info["residual"] <= cfg.solver_tolerance and info["converged"] for info in report.values())
-    assert all(info["sigma_change"] <= 1e-8 and not info["sigma_unconverged"] for info in report.values())
+    assert {info.solver for info in report.shapes.values()} == {"randomized"}
+    assert all(info.residual <= cfg.solver_tolerance and info.converged for info in report.shapes.values())
+    assert all(info.sigma_change <= 1e-8 and not info.sigma_unconverged for info in report.shapes.values())
     for name in exact:
         ba_exact = exact[name].lora_B @ exact[name].lora_A
         ba_fast = fast[name].lora_B @ fast[name].lora_A
@@ -259,7 +259,7 @@ def test_batches_bounded_in_memory_give_the_same_factors(monkeypatch, limit):
     else:  # two
         monkeypatch.setattr(sys.modules["lora_da.batched_solver"], "solve_batch_modules", lambda device, n, columns: 2)
     alone = lora_da.solve(stats, cfg, progress=False)
-    assert {k: v["modules"] for k, v in alone.report.items()} == {k: v["modules"] for k, v in whole.report.items()}
+    assert {k: len(v.modules) for k, v in alone.report.shapes.items()} == {k: len(v.modules) for k, v in whole.report.shapes.items()}
     for name in whole:
         want = whole[name].lora_B @ whole[name].lora_A
         got = alone[name].lora_B @ alone[name].lora_A
@@ -300,7 +300,7 @@ def test_exact_and_randomized_paths_share_the_damping_of_each_input():
     cfg = lora_da.LoraDAConfig(rank=4, damping=1e-12, population_size=50)
     exact = lora_da.solve(stats, cfg, solver="exact", progress=False)
     randomized = lora_da.solve(stats, cfg, solver="randomized", progress=False)
-    dampings = [{name: d for info in f.report.values() for name, d in info["dampings"].items()} for f in (exact, randomized)]
+    dampings = [{name: d for info in f.report.shapes.values() for name, d in info.dampings.items()} for f in (exact, randomized)]
     assert dampings[0] == dampings[1] and min(dampings[0].values()) > 1e-12
     for name in exact:
         want = exact[name].lora_B @ exact[name].lora_A
@@ -314,14 +314,14 @@ def test_unconverged_modules_are_named_in_a_warning_and_the_report():
     with pytest.warns(RuntimeWarning, match=r"solver_max_iterations=1 .*subspace residual tolerance 1e-07: "
                                             r".*model\.layers\.0\.self_attn\.o_proj \(\d\.\de-\d\d\).*sigma\^2 change"):
         factors = lora_da.solve(stats, cfg, progress=False)
-    assert factors.report and all(not info["converged"] for info in factors.report.values())
-    for info in factors.report.values():
-        assert info["iterations"] == 1 and info["sigma_iterations"] == 1
-        assert set(info["unconverged"]) <= set(factors) and info["unconverged"]
-        assert all(value > cfg.solver_tolerance for value in info["unconverged"].values())
-        assert info["sigma_unconverged"]  # one step cannot measure a change of sigma
+    assert factors.report and all(not info.converged for info in factors.report.shapes.values())
+    for info in factors.report.shapes.values():
+        assert info.iterations == 1 and info.sigma_iterations == 1
+        assert set(info.unconverged) <= set(factors) and info.unconverged
+        assert all(value > cfg.solver_tolerance for value in info.unconverged.values())
+        assert info.sigma_unconverged  # one step cannot measure a change of sigma
     converged = lora_da.solve(stats, cfg.replace(solver_max_iterations=200), progress=False)
-    assert all(info["converged"] and not info["unconverged"] for info in converged.report.values())
+    assert all(info.converged and not info.unconverged for info in converged.report.shapes.values())
 
 
 def test_sigma_iteration_reports_its_convergence():

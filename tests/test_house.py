@@ -83,3 +83,11 @@ def test_no_module_is_named_like_a_public_function():
 
     functions = [name for name in lora_da.__all__ if inspect.isfunction(getattr(lora_da, name))]
     assert functions and not [name for name in functions if (ROOT / "lora_da" / f"{name}.py").exists()]
+
+
+def test_sequence_sums_are_written_once_in_the_dispatch_layer():
+    """The kernels compute Z, G and y; the per-sequence sums are written by the accumulators, after
+    whichever backend ran, through the one ``write_sequence_sums``."""
+    calls = {path.relative_to(ROOT).as_posix(): path.read_text().count("write_sequence_sums(") for path in SOURCES}
+    assert {path: count for path, count in calls.items() if count} == {
+        "lora_da/kernels/reference.py": 1, "lora_da/accumulators.py": 1}  # the definition and the one call

@@ -220,8 +220,8 @@ def test_damping_is_chosen_once_at_the_rounding_floor_of_fp32_sums():
         exact = lora_da.solve(fp64, rank=4, progress=False)
     floor = rounding_floor(fp32.input_factor("layer.proj").double(), 400, torch.float32)
     assert floor > 1.0  # far above the config's 1e-6
-    assert [info["dampings"] for info in rough.report.values()] == [{"layer.proj": pytest.approx(floor, rel=1e-6)}]
-    assert [info["dampings"] for info in exact.report.values()] == [{"layer.proj": 1e-6}]
+    assert [info.dampings for info in rough.report.shapes.values()] == [{"layer.proj": pytest.approx(floor, rel=1e-6)}]
+    assert [info.dampings for info in exact.report.shapes.values()] == [{"layer.proj": 1e-6}]
     assert all(torch.isfinite(f.lora_B).all() for f in rough.values())
 
 
@@ -240,13 +240,13 @@ def test_fp32_tile_sums_indefinite_at_the_damping_take_the_fp32_floor_with_a_war
     with pytest.warns(RuntimeWarning, match=r"layer.proj.*fp32 tile sums.*input_factor_dtype='float64'"):
         factors = lora_da.solve(noisy, rank=4, progress=False)
     floor = rounding_floor(noisy.input_factor("layer.proj").double(), 400, torch.float32)
-    assert [info["dampings"] for info in factors.report.values()] == [{"layer.proj": pytest.approx(floor, rel=1e-6)}]
+    assert [info.dampings for info in factors.report.shapes.values()] == [{"layer.proj": pytest.approx(floor, rel=1e-6)}]
     assert all(torch.isfinite(f.lora_B).all() for f in factors.values())
     clean = massive_activation_statistics(torch.float64)
     clean.config[Z_FP32_TILES] = True
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # definite at 1e-6: the config's damping, no warning
-        assert [info["dampings"] for info in lora_da.solve(clean, rank=4, progress=False).report.values()] == [
+        assert [info.dampings for info in lora_da.solve(clean, rank=4, progress=False).report.shapes.values()] == [
             {"layer.proj": 1e-6}]
 
 

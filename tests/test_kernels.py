@@ -1,9 +1,10 @@
 """Every kernel backend of the statistics op against the PyTorch reference and an fp64 truth.
 
 A kernel passes when its error against fp64 is at most twice the reference's error in the same
-precision, plus a small absolute term. Accumulators start from random values (the op adds),
-per-sequence sums (the op must write every element) and Z's lower triangle (which it must not read
-into the upper one) start poisoned with NaN, and so does every fresh float tensor (``poisoned_empty``).
+precision, plus a small absolute term. Accumulators start from random values (the op adds), Z's
+lower triangle (which it must not read into the upper one) starts poisoned with NaN, and so does
+every fresh float tensor (``poisoned_empty``). The per-sequence sums are the dispatch layer's
+(``reference.write_sequence_sums``), not the kernels'.
 """
 import pytest
 import torch
@@ -64,9 +65,9 @@ def make_inputs(b, length, n, ms, kind, dtype, seed):
     return to(x), mask.to(DEVICE), [to(g) for g in grads]
 
 
-def accumulators(n, ms, seed, poison, b):
+def accumulators(n, ms, seed, poison):
     """Random Z, G, y; with ``poison`` Z's strictly lower triangle (which the op may update or not,
-    but never reads into the upper one) and the per-sequence sums (which it overwrites) are NaN."""
+    but never reads into the upper one) is NaN."""
     gen = torch.Generator().manual_seed(seed + 1)
     z = torch.randn(n, n, generator=gen)
     if poison:
@@ -75,13 +76,12 @@ def accumulators(n, ms, seed, poison, b):
         "z": z,
         "g": [torch.randn(m, n, generator=gen) for m in ms],
         "y": [torch.rand(m, generator=gen) for m in ms],
-        "s": [torch.full((b, m), float("nan") if poison else 0.0) for m in ms],
     }
     return {k: (v.to(DEVICE) if torch.is_tensor(v) else [t.to(DEVICE) for t in v]) for k, v in acc.items()}
 
 
 def run(fn, x, mask, grads, acc):
-    fn(x, mask, grads, acc["z"], acc["g"], acc["y"], acc["s"])
+    fn(x, mask, grads, acc["z"], acc["g"], acc["y"])
     return acc
 
 
@@ -118,21 +118,20 @@ def test_kernel_matches_reference_at_real_sizes(backend, dtype, shape):
 
 def check_against_reference(backend, dtype, shape):
     """The backend's statistics of random inputs of ``shape`` in ``dtype`` against the reference
-    and an fp64 truth, everything the op writes included (upper triangle of Z, G, y, sequence sums)."""
+    and an fp64 truth, everything the op writes included (upper triangle of Z, G, y)."""
     b, length, n, ms, kind = shape
     x, mask, grads = make_inputs(b, length, n, ms, kind, dtype, seed=n + length)
     impl = dispatch.resolve("fisher_update", backend, DEVICE, dtype)
-    got = run(impl.fn, x, mask, grads, accumulators(n, ms, n, True, b))
-    ref = run(reference.fisher_update, x, mask, grads, accumulators(n, ms, n, True, b))
+    got = run(impl.fn, x, mask, grads, accumulators(n, ms, n, True))
+    ref = run(reference.fisher_update, x, mask, grads, accumulators(n, ms, n, True))
     truth = run(reference.fisher_update, x.double(), mask, [g.double() for g in grads],
                 {k: (v.double() if torch.is_tensor(v) else [t.double() for t in v])
-                 for k, v in accumulators(n, ms, n, False, b).items()})
+                 for k, v in accumulators(n, ms, n, False).items()})
     upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=DEVICE))
     assert_within_twice_reference(got["z"][upper], ref["z"][upper], truth["z"][upper], "Z (upper triangle)")
     for k in range(len(ms)):
         assert_within_twice_reference(got["g"][k], ref["g"][k], truth["g"][k], f"G[{k}]")
         assert_within_twice_reference(got["y"][k], ref["y"][k], truth["y"][k], f"y[{k}]")
-        assert_within_twice_reference(got["s"][k], ref["s"][k], truth["s"][k], f"sequence sums[{k}]")
 
 
 @pytest.mark.skipif(not BACKENDS, reason="no kernel backend can run here")
@@ -140,8 +139,8 @@ def check_against_reference(backend, dtype, shape):
 def test_kernel_accumulates_over_calls(backend):
     n, ms = 21, [13, 8]
     impl = dispatch.resolve("fisher_update", backend, DEVICE, torch.float32)
-    got = accumulators(n, ms, 0, False, 2)
-    ref = accumulators(n, ms, 0, False, 2)
+    got = accumulators(n, ms, 0, False)
+    ref = accumulators(n, ms, 0, False)
     for seed in range(3):
         x, mask, grads = make_inputs(2, 5 + seed, n, ms, "tails", torch.float32, seed)
         run(impl.fn, x, mask, grads, got)
@@ -241,7 +240,7 @@ def test_cuda_backend_is_bitwise_reproducible(dtype):
     b, length, n, ms, kind = (3, 400, 600, [300, 300, 77], "random")
     x, mask, grads = make_inputs(b, length, n, ms, kind, dtype, seed=7)
     impl = dispatch.resolve("fisher_update", "cuda", DEVICE, dtype)
-    first, second = (run(impl.fn, x, mask, grads, accumulators(n, ms, 3, False, b)) for _ in range(2))
+    first, second = (run(impl.fn, x, mask, grads, accumulators(n, ms, 3, False)) for _ in range(2))
     assert torch.equal(first["z"], second["z"])
     for k in range(len(ms)):
         assert torch.equal(first["g"][k], second["g"][k]) and torch.equal(first["y"][k], second["y"][k])
@@ -256,12 +255,11 @@ def test_kernel_reads_compacted_tokens(backend, counted):
     x, _, grads = make_inputs(1, tokens, n, ms, "all", torch.float32, seed=11)
     mask = (torch.arange(tokens, device=DEVICE) < counted)[None]
     impl = dispatch.resolve("fisher_update", backend, DEVICE, torch.float32)
-    got = accumulators(n, ms, 5, True, 1)
-    impl.fn(x, mask, grads, got["z"], got["g"], got["y"], got["s"], counted=counted)
-    want = run(reference.fisher_update, x, mask, grads, accumulators(n, ms, 5, True, 1))
+    got = accumulators(n, ms, 5, True)
+    impl.fn(x, mask, grads, got["z"], got["g"], got["y"], counted=counted)
+    want = run(reference.fisher_update, x, mask, grads, accumulators(n, ms, 5, True))
     upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=DEVICE))
     torch.testing.assert_close(got["z"][upper], want["z"][upper], rtol=1e-5, atol=1e-4)
     for k in range(len(ms)):
         torch.testing.assert_close(got["g"][k], want["g"][k], rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(got["y"][k], want["y"][k], rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(got["s"][k], want["s"][k], rtol=1e-5, atol=1e-4)

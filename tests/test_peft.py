@@ -42,7 +42,7 @@ def test_initialize_writes_factors_and_step0_output(use_rslora):
     report = lora_da.initialize(model, batches, cfg, progress=False)
     assert report.num_sequences == 5 and len(report.modules) == 14 and set(report.ranks.values()) == {4}
     assert report.seconds.keys() == {"collect", "solve", "apply"}
-    assert {info["solver"] for info in report.solver.values()} == {"exact"}  # n = 24 < 1024
+    assert {info.solver for info in report.solver.shapes.values()} == {"exact"}  # n = 24 < 1024
     assert "solve       24x24, r=4: 4 modules, exact" in str(report)  # q_proj, o_proj x 2 layers
     after = base_weights(model)
     assert all(torch.equal(before[n], after[n]) for n in before)
@@ -151,9 +151,9 @@ def test_report_names_unconverged_modules():
     with pytest.warns(RuntimeWarning, match="stopped at solver_max_iterations=1"):
         report = lora_da.initialize(model, random_batches([3, 2]), solver="randomized", solver_max_iterations=1,
                                     damping=1e-4, progress=False)
-    stalled = {name for info in report.solver.values() for name in {**info["unconverged"], **info["sigma_unconverged"]}}
+    stalled = {name for info in report.solver.shapes.values() for name in {**info.unconverged, **info.sigma_unconverged}}
     assert stalled and stalled <= set(report.modules)
-    assert not any(info["converged"] for info in report.solver.values())
+    assert not any(info.converged for info in report.solver.shapes.values())
     assert "NOT CONVERGED: model.layers.0" in str(report)
     converged = lora_da.initialize(model, random_batches([3, 2]), solver="randomized", damping=1e-4, progress=False)
-    assert all(info["converged"] for info in converged.solver.values()) and "NOT CONVERGED" not in str(converged)
+    assert all(info.converged for info in converged.solver.shapes.values()) and "NOT CONVERGED" not in str(converged)

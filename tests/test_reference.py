@@ -198,7 +198,7 @@ def test_relative_damping_matches_slow_reference(fisher, solver):
     assert_matches_reference(stats, expected, cfg)
     absolute = lora_da.solve(stats, cfg, damping_mode="absolute", progress=False)
     relative_factors = lora_da.solve(stats, cfg, progress=False)
-    dampings = {name: d for info in relative_factors.report.values() for name, d in info["dampings"].items()}
+    dampings = {name: d for info in relative_factors.report.shapes.values() for name, d in info.dampings.items()}
     for name in names:
         z = stats.input_factor(stats.modules[name].input_key)
         assert dampings[name] == pytest.approx(0.05 * float(torch.trace(z)) / z.shape[0], rel=1e-12)

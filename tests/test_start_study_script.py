@@ -22,8 +22,8 @@ def test_input_energies_equal_the_solve_report(start):
     with model.disable_adapter():
         stats = lora_da.collect_statistics(model, batches, population_size=20, progress=False)
     report = lora_da.initialize(model, None, statistics=stats, progress=False, **start_study.SETTINGS[start])
-    diagnostics = {name: figures["input_energy"] for info in report.solver.values()
-                   for name, figures in info["diagnostics"].items()}
+    diagnostics = {name: figures.input_energy for info in report.solver.shapes.values()
+                   for name, figures in info.diagnostics.items()}
     energies = start_study.input_energies(model, stats)
     assert energies.keys() == diagnostics.keys()
     for name, energy in energies.items():

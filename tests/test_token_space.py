@@ -2,6 +2,8 @@
 the span of the tokens, where it is exact and small."""
 import sys
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -41,16 +43,17 @@ def relative_ba_error(got, want):
 def test_token_space_solve_equals_the_full_solve(monkeypatch, variance_weight):
     stats = few_tokens()
     fast = lora_da.solve(stats, CFG, variance_weight=variance_weight, progress=False)
-    spans = {name: s for info in fast.report.values() for name, s in info["token_space"].items()}
+    spans = {name: s for info in fast.report.shapes.values() for name, s in info.token_space.items()}
     assert spans.keys() == fast.keys() and set(spans.values()) <= set(range(4, 13))
     want = full_space(monkeypatch, stats, variance_weight=variance_weight, solver="exact")
-    assert not any(info["token_space"] for info in want.report.values())
+    assert not any(info.token_space for info in want.report.shapes.values())
     for name in want:
         assert relative_ba_error(fast[name], want[name]) <= 1e-8, name
-    for shape, info in want.report.items():  # the diagnostics too
-        for name, figures in info["diagnostics"].items():
-            for key, value in figures.items():
-                assert fast.report[shape]["diagnostics"][name][key] == pytest.approx(value, rel=1e-7, abs=1e-10), key
+    for shape, info in want.report.shapes.items():  # the diagnostics too
+        for name, figures in info.diagnostics.items():
+            for key, value in dataclasses.asdict(figures).items():
+                got = getattr(fast.report.shapes[shape].diagnostics[name], key)
+                assert got == pytest.approx(value, rel=1e-7, abs=1e-10), key
     for name in fast:  # every module's lora_A has orthonormal rows (over sqrt(gamma))
         torch.testing.assert_close(fast[name].lora_A @ fast[name].lora_A.T * CFG.gamma,
                                    torch.eye(4, dtype=torch.float64), atol=1e-10, rtol=0)
@@ -66,7 +69,7 @@ def test_gradients_outside_the_counted_tokens_keep_the_full_solve(monkeypatch):
     stats = lora_da.collect_statistics(tiny_llama(seed=11), batches, CFG, token_mask="labels", progress=False)
     assert stats.num_tokens == 8
     fast = lora_da.solve(stats, CFG, solver="exact", progress=False)
-    in_token_space = {name for info in fast.report.values() for name in info["token_space"]}
+    in_token_space = {name for info in fast.report.shapes.values() for name in info.token_space}
     assert not {name for name in fast if ".layers.0." in name} & in_token_space
     want = full_space(monkeypatch, stats, solver="exact")
     for name in want:
@@ -77,7 +80,7 @@ def test_rank_above_the_token_span_keeps_the_full_solve():
     stats = lora_da.collect_statistics(tiny_llama(seed=11), random_batches([1], seed=13, max_len=4), CFG,
                                        progress=False)
     factors = lora_da.solve(stats, CFG, rank=6, solver="exact", progress=False)  # at most 4 tokens: s <= 4 < 6
-    assert not any(info["token_space"] for info in factors.report.values())
+    assert not any(info.token_space for info in factors.report.shapes.values())
     assert all(torch.isfinite(f.lora_B).all() for f in factors.values())
 
 
@@ -94,7 +97,7 @@ def test_statistics_whose_z_outranks_their_token_count_keep_the_full_solve(monke
         entry.z_sum += entry.num_tokens * 1e-2 * torch.eye(entry.z_sum.shape[0], dtype=entry.z_sum.dtype)
     assert TokenBases(InputFactors(stats, CFG.damping, torch.device("cpu"))).basis(key) is None
     fast = lora_da.solve(stats, CFG, solver="exact", progress=False)
-    assert not any(info["token_space"] for info in fast.report.values())
+    assert not any(info.token_space for info in fast.report.shapes.values())
     want = full_space(monkeypatch, stats, solver="exact")
     for name in want:
         assert relative_ba_error(fast[name], want[name]) <= 1e-12, name
@@ -113,7 +116,7 @@ def test_token_space_honours_the_authors_options(monkeypatch, options):
     and lora_B one by one where they are balanced); ||Zd^-1||_F there counts the complement."""
     stats = few_tokens()
     fast = lora_da.solve(stats, CFG, progress=False, **options)
-    assert {name for info in fast.report.values() for name in info["token_space"]} == fast.keys()
+    assert {name for info in fast.report.shapes.values() for name in info.token_space} == fast.keys()
     want = full_space(monkeypatch, stats, solver="exact", **options)
     plain = lora_da.solve(stats, CFG, progress=False)
     for name in want:
@@ -151,7 +154,7 @@ def test_fp32_statistics_keep_the_full_solve_on_both_sides_of_n():
     stats = lora_da.collect_statistics(tiny_llama(seed=11, dtype=torch.float32), batches, CFG, progress=False)
     assert stats.num_tokens == 12 and stats.dtype == torch.float32
     factors = lora_da.solve(stats, CFG, progress=False)
-    assert not any(info["token_space"] for info in factors.report.values())
+    assert not any(info.token_space for info in factors.report.shapes.values())
 
 
 @pytest.mark.usefixtures("span_always_pays")

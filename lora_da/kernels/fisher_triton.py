@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from .massive import add_split_gram
-from .reference import write_sequence_sums
 from .triton_setup import AUTOTUNE_EXTRA, INTERPRET, configs, on_device, tile_prune
 
 # PROGRAMS_PER_SM: 0 launches one program per upper-triangular tile; k > 0 launches k per SM
@@ -194,7 +193,6 @@ def fisher_update(
     input_factor: Optional[torch.Tensor],
     gradients: Sequence[torch.Tensor],
     output_factors: Sequence[torch.Tensor],
-    sequence_sums: Optional[Sequence[torch.Tensor]] = None,
     counted: Optional[int] = None,
 ) -> None:
     """Triton version of ``reference.fisher_update``; writes only the upper triangle of Z.
@@ -228,5 +226,3 @@ def fisher_update(
                 grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
                 _g_kernel[grid](xs, gs, weights, gradients[k], output_factors[k], tokens, m, n, xs.stride(0),
                                 gs.stride(0), gradients[k].stride(0), key, bucket, IEEE=ieee, CAST_F32=INTERPRET)
-            if sequence_sums is not None:
-                write_sequence_sums(gs, weights, batch, length, sequence_sums[k])

@@ -13,7 +13,6 @@ def fisher_update(
     input_factor: Optional[torch.Tensor],
     gradients: Sequence[torch.Tensor],
     output_factors: Sequence[torch.Tensor],
-    sequence_sums: Optional[Sequence[torch.Tensor]] = None,
     counted: Optional[int] = None,
 ) -> None:
     """Accumulate one input's statistics and those of the modules that read it, in place.
@@ -26,7 +25,6 @@ def fisher_update(
                                                              or not; skipped when None)
       gradients[k] [m_k, n]   += grads[k]^T x               (every token)
       output_factors[k] [m_k] += sum_t mask_t grads[k][t]^2
-      sequence_sums[k] [B, m_k] = sum_t mask_t grads[k][b, t] (overwritten; optional)
     ``counted``: the caller's promise that the mask is 1 on the first ``counted`` of the B * L
     tokens (in x.reshape(B * L, n) order) and 0 after them, so that Z can read those rows directly.
     """
@@ -44,8 +42,6 @@ def fisher_update(
         gs = g.reshape(batch * length, g.shape[-1]).to(dtype)
         gradients[k].addmm_(gs.T, xs)
         output_factors[k].addmv_(gs.square().T, weights)
-        if sequence_sums is not None:
-            write_sequence_sums(gs, weights, batch, length, sequence_sums[k])
 
 
 GRAM_PANEL = 192  # rows of Z per product in add_upper_gram (timed against the full product in RESULTS.md)
@@ -61,10 +57,9 @@ def add_upper_gram(z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> None
         z[rows, start:].addmm_(weighted[rows], x[:, start:])
 
 
-def write_sequence_sums(grad: torch.Tensor, weights: torch.Tensor, batch: int, length: int, out: torch.Tensor) -> None:
-    """out [B, m] = per-sequence sums of weights_t * grad[t] (grad [B*L, m], weights [B*L])."""
-    masked = grad.to(out.dtype) * weights.to(out.dtype)[:, None]
-    out.copy_(masked.reshape(batch, length, grad.shape[-1]).sum(dim=1))
+def write_sequence_sums(grad: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> None:
+    """out [B, m] = sum_t mask[b, t] grad[b, t] in out's dtype (grad [B, L, m], mask [B, L]), overwritten."""
+    out.copy_((grad.to(out.dtype) * mask.to(out.dtype)[..., None]).sum(dim=1))
 
 
 def inner_products(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
