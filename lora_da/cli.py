@@ -1,6 +1,8 @@
 """The ``lora-da`` command: initialise a PEFT LoRA adapter from a JSONL file, or run the main job.
 
     lora-da init --model DIR --data FILE.jsonl --rank 8 --output ADAPTER_DIR
+    lora-da compare [--model DIR --data FILE.jsonl] [--starts peft_default,lora_da,pissa ...]
+    lora-da plan --model DIR [--max-memory auto]
     lora-da demo [--steps 60 ...]
 
 Bad input (missing files, a line that is not JSON or lacks the field, a model folder without
@@ -9,21 +11,16 @@ weights or tokenizer) is one line on stderr and exit status 2; ``--debug`` shows
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
+from . import compare_command
+from .cli_data import BadInput, add_adapter_options, calibration_batches, check_numbers, load_model, read_examples, target_modules
 from .config import INPUT_FACTOR_DTYPES
 
 EXIT_BAD_INPUT = 2
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
-
-
-class BadInput(Exception):
-    """A problem with what the user gave us: reported in one line, never as a traceback."""
 
 
 # over 60 lines: the command line's option declarations, one after another, read as one list
@@ -54,12 +51,7 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--max-length", metavar="N", type=int, default=512, help="tokens per example, longer ones are cut (default 512)")
     data.add_argument("--population-size", metavar="N", type=int,
                       help="size of the fine-tuning set N (default: the number of lines in --data)")
-    lora = init.add_argument_group("adapter")
-    lora.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank r (default 8)")
-    lora.add_argument("--lora-alpha", metavar="ALPHA", type=float, default=16.0, help="LoRA alpha (default 16)")
-    lora.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
-    lora.add_argument("--target-modules", nargs="+", default=["all-linear"], metavar="NAME",
-                      help="PEFT target_modules (default: all-linear)")
+    add_adapter_options(init)
     method = init.add_argument_group("LoRA-DA")
     method.add_argument("--variance-weight", metavar="BETA", type=float, default=0.03, help="beta (default 0.03)")
     method.add_argument("--bias-weight", metavar="ALPHA", type=float, default=1.0, help="alpha of the bias term (default 1)")
@@ -103,106 +95,12 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--input-factor-dtype", default="auto", choices=list(INPUT_FACTOR_DTYPES))
     plan.add_argument("--buffer-tokens", metavar="N", type=int, default=4096)
 
+    compare_command.add_parser(commands)
+
     # listed for --help; main() hands everything after "demo" to the demo's own parser
     commands.add_parser("demo", help="the main job: SmolLM2-135M on Rotten Tomatoes, LoRA-DA vs PEFT default "
                                      "(lora-da demo --help for its options)")
     return top
-
-
-def read_examples(path: Path, text_field: str, prompt_field: Optional[str]) -> List[dict]:
-    """The JSONL lines as dicts with the fields checked (line numbers in the errors)."""
-    if not path.is_file():
-        raise BadInput(f"--data {path}: no such file")
-    examples = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise BadInput(f"--data {path}, line {number}: not JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise BadInput(f"--data {path}, line {number}: expected a JSON object, got {type(record).__name__}")
-            for field in filter(None, (text_field, prompt_field)):
-                if not isinstance(record.get(field), str):
-                    raise BadInput(f"--data {path}, line {number}: no string field {field!r} "
-                                   f"(fields: {', '.join(sorted(record)) or 'none'})")
-            examples.append(record)
-    if not examples:
-        raise BadInput(f"--data {path}: no examples")
-    return examples
-
-
-def load_model(model_dir: Path, tokenizer_dir: Path, dtype_name: str, device: str, load_in_4bit: bool = False):
-    """(model on ``device``, tokenizer); with ``load_in_4bit`` the base's linear layers in NF4,
-    prepared for k-bit training (PEFT's ``prepare_model_for_kbit_training``, without gradient
-    checkpointing) as a QLoRA run prepares it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (model_dir / "config.json").is_file():
-        raise BadInput(f"--model {model_dir}: no config.json (not a Hugging Face model folder)")
-    if not any(any(model_dir.glob(pattern)) for pattern in WEIGHT_FILES):
-        raise BadInput(f"--model {model_dir}: no weights (*.safetensors, *.bin) in the folder")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise BadInput(f"--tokenizer {tokenizer_dir}: no usable tokenizer ({str(error).splitlines()[0]}); "
-                       "pass --tokenizer DIR") from None
-    dtype = getattr(torch, dtype_name)
-    if not load_in_4bit:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype)
-        return model.to(device), tokenizer
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise BadInput("--load-in-4bit needs bitsandbytes: pip install 'lora-da[quant]'")
-    from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype,
-                                                 quantization_config=quantization, device_map=device)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tokenizer
-
-
-def calibration_batches(examples: Sequence[dict], tokenizer, args) -> List[dict]:
-    """Right-padded batches with labels; prompt tokens and padding carry label -100."""
-    import torch
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise BadInput("the tokenizer has neither a pad nor an end-of-sequence token")
-    rows = []
-    for example in examples:
-        if args.prompt_field:
-            prompt = tokenizer(example[args.prompt_field]).input_ids
-            ids = prompt + tokenizer(example[args.text_field], add_special_tokens=False).input_ids
-        else:
-            prompt, ids = [], tokenizer(example[args.text_field]).input_ids
-        ids = ids[: args.max_length]
-        if len(ids) <= len(prompt):
-            raise BadInput(f"an example's text is empty after its prompt at --max-length {args.max_length}")
-        rows.append((ids, len(prompt)))
-    batches = []
-    for start in range(0, len(rows), args.batch_size):
-        chunk = rows[start: start + args.batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        for row, (ids, prompt_length) in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
-            labels[row, prompt_length: len(ids)] = torch.tensor(ids[prompt_length:])
-        batches.append({"input_ids": input_ids, "attention_mask": attention, "labels": labels})
-    return batches
-
-
-def check_numbers(args) -> None:
-    for name in ("rank", "samples", "batch_size", "max_length", "population_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def run_init(args) -> None:
@@ -215,7 +113,7 @@ def run_init(args) -> None:
     with dependency_noise_filtered():
         from peft import LoraConfig, get_peft_model
 
-    check_numbers(args)
+    check_numbers(args, ("rank", "samples", "batch_size", "max_length", "population_size"))
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise BadInput(f"--model {model_dir}: no such folder")
@@ -237,7 +135,7 @@ def run_init(args) -> None:
     batches = calibration_batches(examples[: args.samples], tokenizer, args)
     with dependency_noise_filtered():
         peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
-                                                      target_modules=_target_modules(args), lora_dropout=0.0,
+                                                      target_modules=target_modules(args), lora_dropout=0.0,
                                                       task_type="CAUSAL_LM"))
     statistics = None
     if args.save_statistics:  # collect here (adapters off, as initialize does) to keep the statistics
@@ -262,7 +160,7 @@ def run_plan(args) -> None:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise BadInput(f"--model {model_dir}: no config.json (not a Hugging Face model folder)")
-    cfg = _config(target_modules=_target_modules(args), input_factor_dtype=args.input_factor_dtype,
+    cfg = _config(target_modules=target_modules(args), input_factor_dtype=args.input_factor_dtype,
                   buffer_tokens=args.buffer_tokens)
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     with torch.device("meta"):
@@ -278,11 +176,6 @@ def _config(**fields):
         return lora_da.LoraDAConfig(**fields)
     except ValueError as error:
         raise BadInput(str(error)) from None
-
-
-def _target_modules(args):
-    """--target-modules as PEFT takes them: "all-linear" alone is a string."""
-    return args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
 
 
 def _max_memory(args):
@@ -307,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        {"init": run_init, "plan": run_plan}[args.command](args)
+        {"init": run_init, "plan": run_plan, "compare": compare_command.run}[args.command](args)
     except BadInput as error:
         if args.debug:
             raise

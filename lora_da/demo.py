@@ -16,6 +16,7 @@ import torch
 
 import lora_da
 
+from .comparison import fine_tune
 from .embedded import Verbalizer, load_rotten_tomatoes, load_smollm2, split
 from .quiet import dependency_noise_filtered
 
@@ -39,21 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fine_tune(model, batches, lr: float, verbalizer: Verbalizer, log_every: int = 10) -> list:
-    """AdamW on the trainable (LoRA) parameters, one step per batch; returns the loss per step."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for step, batch in enumerate(batches, start=1):
-        loss = model(**verbalizer.model_inputs(batch)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % log_every == 0 or step == len(batches):
-            window = losses[-log_every:]
-            print(f"    step {step:3d}  train label loss {sum(window) / len(window):.4f}", flush=True)
-    return losses
+def print_windows(losses: list, log_every: int = 10) -> None:
+    """The mean training label loss of every ``log_every`` steps."""
+    for end in range(log_every, len(losses) + log_every, log_every):
+        window = losses[end - log_every:end]
+        print(f"    step {min(end, len(losses)):3d}  train label loss {sum(window) / len(window):.4f}", flush=True)
 
 
 def main(argv=None) -> dict:
@@ -87,10 +78,12 @@ def main(argv=None) -> dict:
             report = lora_da.initialize(model, calibration_batches, population_size=len(train))
             print(report)
             results["report"] = report
-        results[f"{init}/step0"] = verbalizer.evaluate(model, eval_batches)
+        curve, figures = fine_tune(model, train_batches, len(train_batches), args.lr,
+                                   lambda m: verbalizer.evaluate(m, eval_batches), [len(train_batches)],
+                                   verbalizer.model_inputs, desc=f"{init} fine-tune")
+        results[f"{init}/step0"], results[f"{init}/curve"], results[f"{init}/final"] = figures[0], curve, figures[len(curve)]
         print(f"  step 0: held-out label loss {results[f'{init}/step0'][0]:.4f}, accuracy {results[f'{init}/step0'][1]:.3f}")
-        results[f"{init}/curve"] = fine_tune(model, train_batches, args.lr, verbalizer)
-        results[f"{init}/final"] = verbalizer.evaluate(model, eval_batches)
+        print_windows(curve)
         if init == "lora_da":
             model.save_pretrained(args.output, save_embedding_layers=False)  # LoRA-DA never changes the vocabulary
             print(f"  adapter saved to {args.output}")

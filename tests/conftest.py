@@ -27,6 +27,51 @@ def golden_dir() -> Path:
     return path
 
 
+WORDS = ("the film was good bad long short funny dull great awful plot actor music scene ending story "
+         "review says it is a not very quite really").split()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The golden model's files beside a word-level tokenizer (``WORDS``) of its vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("model")
+    for item in (golden_dir() / "model").iterdir():
+        (folder / item.name).symlink_to(item)
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(str(folder))
+    return folder
+
+
+def write_examples(path: Path, count: int, seed: int, min_words: int, max_words: int, **fields) -> Path:
+    """A JSONL file of ``count`` examples of random ``WORDS``: the first two as "prompt", the rest as
+    "text", and ``fields`` in every line."""
+    gen = torch.Generator().manual_seed(seed)
+    with path.open("w") as f:
+        for _ in range(count):
+            length = int(torch.randint(min_words, max_words, (1,), generator=gen))
+            words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=gen)]
+            f.write(json.dumps({"prompt": " ".join(words[:2]), "text": " ".join(words[2:]), **fields}) + "\n")
+    return path
+
+
+def bad_input(argv, capsys) -> str:
+    """The ``lora-da`` command's stderr for ``argv``, checked to be one error line and exit status 2."""
+    from lora_da import cli
+
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BAD_INPUT, err
+    assert err.startswith("lora-da: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
 def golden_errors(model_dir: Path, batches: list, hyperparameters: dict, expected: Path, dtype: torch.dtype,
                   device: str = "cpu", **overrides) -> Dict[str, Dict[str, float]]:
     """Relative Frobenius errors against the authors' factors in ``expected`` (a safetensors

@@ -1,5 +1,4 @@
 """The ``lora-da`` command on the golden tiny model with a JSONL written here."""
-import json
 import os
 import re
 import subprocess
@@ -12,42 +11,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import lora_da
-from conftest import golden_dir
+from conftest import bad_input as bad, write_examples
 from lora_da import cli
 
-WORDS = ("the film was good bad long short funny dull great awful plot actor music scene ending story "
-         "review says it is a not very quite really").split()
 LORA_DA = Path(sys.executable).with_name("lora-da")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The golden model's files beside a word-level tokenizer of its vocabulary size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("model")
-    for item in (golden_dir() / "model").iterdir():
-        (folder / item.name).symlink_to(item)
-    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(str(folder))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    gen = torch.Generator().manual_seed(0)
-    path = tmp_path_factory.mktemp("data") / "calibration.jsonl"
-    with path.open("w") as f:
-        for _ in range(13):
-            words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(4, 12, (1,), generator=gen)),),
-                                                          generator=gen)]
-            f.write(json.dumps({"prompt": " ".join(words[:2]), "text": " ".join(words[2:]), "id": 7}) + "\n")
-    return path
+    return write_examples(tmp_path_factory.mktemp("data") / "calibration.jsonl", 13, 0, 4, 12, id=7)
 
 
 def test_init_writes_an_adapter_that_peft_loads_and_equals_the_library(model_dir, data_file, tmp_path):
@@ -131,14 +103,6 @@ def test_load_in_4bit_initialises_the_nf4_base(model_dir, data_file, tmp_path):
     assert got.keys() == wanted.keys() and len(got) == 28
     for name, value in wanted.items():
         torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-8)
-
-
-def bad(argv, capsys):
-    code = cli.main(argv)
-    err = capsys.readouterr().err
-    assert code == cli.EXIT_BAD_INPUT, err
-    assert err.startswith("lora-da: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 def test_bad_input_is_one_line_and_exit_status_2(model_dir, data_file, tmp_path, capsys):
