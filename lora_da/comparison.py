@@ -202,7 +202,9 @@ class Comparison:
         seeds = len(self.final_losses(best))
         line = (f"best start: {best}, final held-out loss {loss:.4f}, {margin:.4f} below {runner_up}"
                 + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
-        if seeds > 1 and margin < noise:
+        if seeds == 1:
+            line += " (one seed: --seeds 0 1 2 tells a margin from noise)"
+        elif margin < noise:
             line += f": within noise (spread across seeds {noise:.4f})"
         return line
 
@@ -249,6 +251,7 @@ class Comparison:
                       marker="o", label=start)
         axes.set_xlabel("step")
         axes.set_ylabel("held-out loss")
+        axes.set_yscale("log")
         axes.legend()
         figure.tight_layout()
         figure.savefig(path, dpi=120)
