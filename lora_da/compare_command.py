@@ -10,11 +10,12 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .cli_data import BadInput, add_adapter_options, calibration_batches, check_numbers, load_model, read_examples, target_modules
 
-EMBEDDED_EXAMPLES = 512  # reviews of the embedded default: 10% held out, 50 steps of 8 from the rest
+EMBEDDED_EXAMPLES = 512  # reviews of the embedded default: a tenth held out, 50 steps of 8 from the rest
+HELDOUT_SHARE = 0.1  # --heldout's default
 
 
 def add_parser(commands) -> None:
@@ -37,7 +38,8 @@ def add_parser(commands) -> None:
     runs.add_argument("--starts", default="peft_default,lora_da", metavar="A,B,...",
                       help="comma-separated: peft_default, lora_da, pissa, lora_one, lora_da_relative "
                            "(default peft_default,lora_da)")
-    runs.add_argument("--heldout", default="10%", metavar="P%|N", help="held-out share or count (default 10%%)")
+    runs.add_argument("--heldout", metavar="P%|N",
+                      help="held-out share (a number and %%) or count of examples (default: a tenth)")
     runs.add_argument("--calibration", metavar="N", type=int, default=64,
                       help="calibration examples for the starts that read data, from the training part (default 64)")
     runs.add_argument("--steps", metavar="N", type=int, default=50, help="training steps per start (default 50)")
@@ -55,13 +57,15 @@ def add_parser(commands) -> None:
     where.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def heldout_count(text: str, examples: int) -> int:
-    """--heldout as a number of examples: "10%" of ``examples`` (rounded up) or a count."""
+def heldout_count(text: Optional[str], examples: int) -> int:
+    """--heldout as a number of examples: a share (P%) of ``examples``, rounded up, or a count;
+    None: HELDOUT_SHARE of them."""
+    if text is None:
+        return math.ceil(HELDOUT_SHARE * examples)
     try:
-        count = math.ceil(float(text[:-1]) / 100 * examples) if text.endswith("%") else int(text)
+        return math.ceil(float(text[:-1]) / 100 * examples) if text.endswith("%") else int(text)
     except ValueError:
-        raise BadInput(f"--heldout must be a share like 10% or a number of examples, got {text!r}") from None
-    return count
+        raise BadInput(f"--heldout must be a share (a number and %) or a number of examples, got {text!r}") from None
 
 
 def split_examples(examples: Sequence[dict], args) -> Tuple[list, list, list]:
@@ -70,7 +74,7 @@ def split_examples(examples: Sequence[dict], args) -> Tuple[list, list, list]:
     held = heldout_count(args.heldout, len(examples))
     train = len(examples) - held
     if held < 1 or train < args.batch_size:
-        raise BadInput(f"--data has {len(examples)} examples: too few to hold out {args.heldout} ({held}) and keep "
+        raise BadInput(f"--data has {len(examples)} examples: too few to hold out {held} and keep "
                        f"a batch of {args.batch_size} to train on")
     order = list(range(len(examples)))
     random.Random(args.seeds[0]).shuffle(order)

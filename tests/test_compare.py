@@ -108,7 +108,7 @@ def test_bad_input_is_one_line_before_any_training(model_dir, examples_file, tmp
             "--output", str(tmp_path / "out"), "--quiet"]
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"text": "the film was good"}) + "\n" for _ in range(5)))
-    assert "too few to hold out 10% (1) and keep a batch of 8" in bad(
+    assert "5 examples: too few to hold out 1 and keep a batch of 8" in bad(
         [*base[:3], "--data", str(small), *base[7:]], capsys)
     assert "no string field 'body'" in bad([*base, "--text-field", "body"], capsys)
     assert "--starts pissa rewrites the base weights" in bad([*base, "--starts", "lora_da,pissa", "--load-in-4bit"],
