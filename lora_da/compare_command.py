@@ -124,16 +124,20 @@ def check_fits(model_dir: Path, dtype: str, device: str, load_in_4bit: bool) -> 
                        f"{device} has {free / 2**30:.1f} GiB free")
 
 
-def check_starts(names: List[str], load_in_4bit: bool) -> None:
-    from .comparison import STARTS
+def check_starts(names: List[str], load_in_4bit: bool) -> list:
+    """The ``Start`` of each of ``names``; BadInput for an unknown one, or one that rewrites the base
+    weights on a 4-bit base."""
+    from .comparison import chosen_starts
 
-    unknown = [name for name in names if name not in STARTS]
-    if unknown or not names:
-        raise BadInput(f"--starts: unknown {unknown or names}; choose from {', '.join(STARTS)}")
-    if load_in_4bit and any(STARTS[name].rewrites_base for name in names):
-        rewriting = [name for name in names if STARTS[name].rewrites_base]
+    try:
+        starts = chosen_starts(names)
+    except ValueError as error:
+        raise BadInput(f"--starts: {error}") from None
+    rewriting = [start.name for start in starts if start.rewrites_base]
+    if load_in_4bit and rewriting:
         raise BadInput(f"--starts {','.join(rewriting)} rewrites the base weights (W - s B A), which a 4-bit base "
                        "cannot hold: drop it or --load-in-4bit")
+    return starts
 
 
 def read_user_examples(args) -> List[dict]:
@@ -165,12 +169,12 @@ def load(args) -> tuple:
 
 def run(args) -> None:
     """``lora-da compare``: bad input refused before any training, then ``compare`` and its outputs."""
-    from .comparison import STARTS, compare, refusals
+    from .comparison import compare, refusals
     from .quiet import dependency_noise_filtered
 
     check_numbers(args, ("rank", "max_length", "batch_size", "steps", "calibration"))
     starts = [name.strip() for name in args.starts.split(",") if name.strip()]
-    check_starts(starts, args.load_in_4bit)
+    chosen = check_starts(starts, args.load_in_4bit)
     if args.data is not None and args.model is None:
         raise BadInput("--model and --data go together (neither: the embedded default)")
     examples = read_user_examples(args) if args.model is not None else embedded_examples()
@@ -178,7 +182,7 @@ def run(args) -> None:
         args.text_field, args.prompt_field = "text", "prompt"
     training, heldout, calibration = split_examples(examples, args)
     model, tokenizer = load(args)
-    refused = refusals([STARTS[name] for name in starts], model)
+    refused = refusals(chosen, model)
     if refused:
         raise BadInput(f"--starts: {'; '.join(refused)}")
     batches = {name: calibration_batches(part, tokenizer, args)
@@ -195,7 +199,7 @@ def run(args) -> None:
     print(f"{len(training)} training examples ({args.steps} steps of {args.batch_size}), {len(heldout)} held out, "
           f"{len(calibration)} for calibration; starts {', '.join(starts)}; seeds {args.seeds}", flush=True)
     comparison = compare(lambda seed: model, batches["train"], batches["heldout"], lora_config=lora_config,
-                         starts=starts, calibration=batches["calibration"], population_size=len(training),
+                         starts=chosen, calibration=batches["calibration"], population_size=len(training),
                          steps=args.steps, lr=args.lr, seeds=args.seeds, adapter_folder=output / "adapter",
                          progress=not args.quiet)
     table = comparison.table()

@@ -71,6 +71,14 @@ def _lora_da_start(**overrides) -> MakeStart:
     return make
 
 
+def chosen_starts(starts: Sequence[Union[str, Start]]) -> List[Start]:
+    """``starts`` as ``Start`` objects: names of ``STARTS`` looked up; ValueError for unknown names."""
+    unknown = [s for s in starts if isinstance(s, str) and s not in STARTS]
+    if unknown or not starts:
+        raise ValueError(f"unknown starts {unknown or list(starts)}; choose from {list(STARTS)}")
+    return [STARTS[s] if isinstance(s, str) else s for s in starts]
+
+
 def refusals(starts: Sequence[Start], base: nn.Module) -> List[str]:
     """"start: reason" for each of ``starts`` that cannot be made for ``base``."""
     return [f"{start.name}: {reason}" for start in starts for reason in [start.refuses(base)] if reason]
@@ -351,10 +359,7 @@ def compare(
     after each start is made: its dict goes into the run's ``extra``. ``adapter_folder``: the
     adapter of the best start (lowest mean final held-out loss) of the first seed is written there.
     """
-    unknown = [s for s in starts if isinstance(s, str) and s not in STARTS]
-    if unknown or not starts:
-        raise ValueError(f"unknown starts {unknown or list(starts)}; choose from {list(STARTS)}")
-    chosen = [STARTS[s] if isinstance(s, str) else s for s in starts]
+    chosen = chosen_starts(starts)
     if steps < 1 or not train or not heldout:
         raise ValueError("compare needs steps >= 1, training batches and held-out batches")
     calibration = list(calibration) if calibration is not None else [model_inputs(b) for b in train[:8]]

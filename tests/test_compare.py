@@ -115,7 +115,8 @@ def test_bad_input_is_one_line_before_any_training(model_dir, examples_file, tmp
                                                               capsys)
     assert "--starts: pissa: PEFT makes it in float32, float16 or bfloat16 only, and the base is float64" in bad(
         [*base, "--starts", "lora_da,pissa", "--dtype", "float64"], capsys)
-    assert "unknown ['loraga']" in bad([*base, "--starts", "lora_da,loraga"], capsys)
+    assert "--starts: unknown starts ['loraga']; choose from ['peft_default', 'lora_da', 'pissa'" in bad(
+        [*base, "--starts", "lora_da,loraga"], capsys)
     assert "--heldout must be a share" in bad([*base, "--heldout", "ten"], capsys)
     assert "--model and --data go together" in bad(["compare", "--model", str(model_dir)], capsys)
     monkeypatch.setattr(lora_da.compare_command, "available_bytes", lambda device: 1)
