@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import compare_command
-from .cli_data import BadInput, add_adapter_options, calibration_batches, check_numbers, load_model, read_examples, target_modules
+from .cli_data import (BadInput, add_adapter_options, calibration_batches, check_numbers, load_model, read_examples,
+                       target_modules)
 from .config import INPUT_FACTOR_DTYPES
 
 EXIT_BAD_INPUT = 2

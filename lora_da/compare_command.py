@@ -12,7 +12,8 @@ import random
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .cli_data import BadInput, add_adapter_options, calibration_batches, check_numbers, load_model, read_examples, target_modules
+from .cli_data import (BadInput, add_adapter_options, calibration_batches, check_numbers, load_model, read_examples,
+                       target_modules)
 
 EMBEDDED_EXAMPLES = 512  # reviews of the embedded default: a tenth held out, 50 steps of 8 from the rest
 HELDOUT_SHARE = 0.1  # --heldout's default
@@ -29,11 +30,14 @@ def add_parser(commands) -> None:
     where.add_argument("--model", metavar="DIR", help="Hugging Face causal LM folder (default: the embedded SmolLM2)")
     where.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: --model)")
     where.add_argument("--data", metavar="FILE.jsonl", help="examples, one JSON object per line (with --model)")
-    where.add_argument("--text-field", metavar="FIELD", default="text", help="field with the text to learn (default: text)")
-    where.add_argument("--prompt-field", metavar="FIELD", help="field with a prompt before the text; its tokens carry no loss")
+    where.add_argument("--text-field", metavar="FIELD", default="text",
+                       help="field with the text to learn (default: text)")
+    where.add_argument("--prompt-field", metavar="FIELD",
+                       help="field with a prompt before the text; its tokens carry no loss")
     where.add_argument("--max-length", metavar="N", type=int, default=512, help="tokens per example (default 512)")
     where.add_argument("--output", metavar="DIR", default="outputs/compare",
-                       help="table (CSV, markdown), plot, runs.json and the best start's adapter (default outputs/compare)")
+                       help="table (CSV, markdown), plot, runs.json and the best start's adapter "
+                            "(default outputs/compare)")
     runs = compare.add_argument_group("the comparison")
     runs.add_argument("--starts", default="peft_default,lora_da", metavar="A,B,...",
                       help="comma-separated: peft_default, lora_da, pissa, lora_one, lora_da_relative "

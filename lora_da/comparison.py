@@ -350,8 +350,8 @@ def compare(
     ``model_factory(seed)`` gives the base model (made once per seed; each start gets a deep copy);
     ``lora_config``: the PEFT ``LoraConfig`` every start shares, its ``init_lora_weights`` set per
     start (default: r=8, alpha=16, every linear layer but the head). ``train``: batches (dicts for
-    ``model(**model_inputs(batch))`` with ``labels``), one per step, cycled; ``heldout``: batches ``evaluate(model, heldout)`` reads (default ``mean_loss``:
-    {"loss"}); ``calibration``: the batches data-reading starts see (default: the first of
+    ``model(**model_inputs(batch))`` with ``labels``), one per step, cycled; ``heldout``: batches
+    ``evaluate(model, heldout)`` reads (default ``mean_loss``: {"loss"}); ``calibration``: the batches data-reading starts see (default: the first of
     ``train``, up to 8), ``population_size`` N for LoRA-DA (default: the training examples).
     ``starts``: names of ``STARTS`` or ``Start`` objects. Every start gets the same seed before it
     is made and before it trains (torch.manual_seed), the same batches in the same order and the
@@ -369,8 +369,9 @@ def compare(
         from peft import LoraConfig
 
         lora_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
-    trial = _Trial(train, heldout, lora_config, calibration, population, steps, lr,
-                   sorted(set(eval_steps or evaluation_steps(steps)) | {steps}), evaluate, model_inputs, observe, progress)
+    evaluated = sorted(set(eval_steps or evaluation_steps(steps)) | {steps})
+    trial = _Trial(train, heldout, lora_config, calibration, population, steps, lr, evaluated, evaluate, model_inputs,
+                   observe, progress)
     runs = []
     saved = Path(adapter_folder) / ".starts" if adapter_folder is not None else None
     for seed in seeds:
