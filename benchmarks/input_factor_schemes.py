@@ -3,6 +3,7 @@ measured against fp64 sums of the same activations:
 
     python benchmarks/input_factor_schemes.py                   # the main job's 128 reviews, SmolLM2 in bf16
     python benchmarks/input_factor_schemes.py --call-tokens 0   # one batch per call (buffer_tokens=0)
+    python benchmarks/input_factor_schemes.py --schemes "fp32 per tile,(b),fp64, tile" --solvers auto,exact
 
 SmolLM2-135M-Instruct cast to bf16, the main job's calibration reviews in batches of 8, every
 distinct input of every linear layer but the head, its counted tokens in calls of the collector's
@@ -23,11 +24,17 @@ tensor-core product of a tile, summed in fp32 inside the instruction.
   (c) flagged inputs in fp64   inputs with such a feature summed in fp64 whole, the rest per call
   (d) compensated pair         tile products added into an (hi, lo) fp32 pair with TwoSum, hi + lo
                                into fp64 Z at the end of each call
+  (e) massive features in fp64, (b)'s massive rows and columns, every other tile product added
+      the rest per tile        into fp64 ("fp32 per tile, fp64")
+  fp64, tile order             fp64 products of each tile added into fp64 Z: fp64 sums in another
+                               order (as a tiled GPU kernel sums), the solve's own sensitivity
 Per scheme: the largest ||E||_2 / ||Z||_2 over the inputs, the inputs whose Z / T + 1e-6 I is not
 positive definite, the modules the solve damps above 1e-6 (fp32 sums: at their rounding floor;
 the other schemes' sums are marked as the kernels' fp32 tile sums, which the solve damps at
 fp32's floor where 1e-6 leaves them indefinite), the largest relative B A difference from the
-solve of fp64 sums over the 210 modules, and the counted cost of summing Z relative to the
+solve of fp64 sums over the 210 modules (each scheme's sums and the fp64 sums solved by the same
+solver, ``--solvers``: "auto" is the library's default, "exact" takes the randomized solver's own
+tolerance out), and the counted cost of summing Z relative to the
 plain bf16 kernel at published peak rates (counts, not timings). Writes
 input_factor_schemes_<call tokens>.json under $OUT (default ./outputs).
 """
@@ -59,7 +66,8 @@ SLICES, SLICE_BITS = 3, 7
 RATES = {"H100 SXM": {"bf16": 989.4, "int8": 1978.9, "fp32": 66.9, "fp64": 66.9},
          "RTX 4090": {"bf16": 165.2, "int8": 660.6, "fp32": 82.6, "fp64": 1.29}}
 SCHEMES = ("fp32 (the kernels before)", "fp32 per call, fp64 Z", "fp32 per tile, fp64", "(a) int8 slices (Ozaki)",
-           "(b) massive features in fp64", "(c) flagged inputs in fp64", "(d) compensated pair", "fp64")
+           "(b) massive features in fp64", "(c) flagged inputs in fp64", "(d) compensated pair",
+           "(e) massive features in fp64, the rest per tile", "fp64, tile order", "fp64")
 
 
 def tile_products(x: torch.Tensor):
@@ -90,36 +98,54 @@ def int8_slices(x: torch.Tensor) -> tuple:
     return torch.stack(slices), scale
 
 
-def sums(calls: list) -> dict:
+def sums(calls: list, schemes: tuple) -> dict:
     """Scheme -> what it sums as Z [n, n] (fp64; fp32 for the fp32 accumulator) over the calls'
-    counted rows [t, n] (bf16 values held in fp32), and "massive": the features (b) takes."""
+    counted rows [t, n] (bf16 values held in fp32), for ``schemes`` and "fp64", and "massive": the
+    features (b) takes."""
     n = calls[0].shape[1]
-    out = {s: torch.zeros(n, n, dtype=torch.float32 if s.startswith("fp32 (") else torch.float64) for s in SCHEMES}
+    wanted = set(schemes) | {"fp64", "fp32 per call, fp64 Z"}
+    out = {s: torch.zeros(n, n, dtype=torch.float32 if s.startswith("fp32 (") else torch.float64) for s in wanted}
     flagged = torch.zeros(n, dtype=torch.bool)
     for x in calls:
         wide = x.double()
         out["fp64"] += wide.T @ wide
+        if "fp64, tile order" in wanted:
+            for start in range(0, len(x), TILE):
+                out["fp64, tile order"] += wide[start:start + TILE].T @ wide[start:start + TILE]
         acc, hi, lo = torch.zeros(n, n), torch.zeros(n, n), torch.zeros(n, n)
+        pairs, tiles = "(d) compensated pair" in wanted, "fp32 per tile, fp64" in wanted
         for product in tile_products(x):
             acc += product
-            out["fp32 per tile, fp64"] += product.double()
-            two_sum(hi, lo, product)
-        out["fp32 (the kernels before)"] += acc
+            if tiles:
+                out["fp32 per tile, fp64"] += product.double()
+            if pairs:
+                two_sum(hi, lo, product)
         out["fp32 per call, fp64 Z"] += acc.double()
-        out["(d) compensated pair"] += hi.double() + lo.double()
-        slices, scale = int8_slices(x)
-        exact = torch.zeros(n, n, dtype=torch.float64)
-        for a in range(SLICES):
-            for b in range(a, SLICES - a):  # (b, a) is the transpose of (a, b)
-                product = 2.0 ** (-SLICE_BITS * (a + b)) * (slices[a].T @ slices[b])
-                exact += product if a == b else product + product.T
-        out["(a) int8 slices (Ozaki)"] += scale[:, None] * exact * scale[None, :]
+        if "fp32 (the kernels before)" in wanted:
+            out["fp32 (the kernels before)"] += acc
+        if pairs:
+            out["(d) compensated pair"] += hi.double() + lo.double()
+        if "(a) int8 slices (Ozaki)" in wanted:
+            slices, scale = int8_slices(x)
+            exact = torch.zeros(n, n, dtype=torch.float64)
+            for a in range(SLICES):
+                for b in range(a, SLICES - a):  # (b, a) is the transpose of (a, b)
+                    product = 2.0 ** (-SLICE_BITS * (a + b)) * (slices[a].T @ slices[b])
+                    exact += product if a == b else product + product.T
+            out["(a) int8 slices (Ozaki)"] += scale[:, None] * exact * scale[None, :]
         massive = massive_features(x)
         flagged[massive] = True
-        acc = sum(tile_products(without_features(x, massive)), torch.zeros(n, n))
-        out["(b) massive features in fp64"] += acc.double()
-        add_massive_columns(out["(b) massive features in fp64"], x, torch.ones(len(x)), massive)
-    out["(c) flagged inputs in fp64"] = out["fp64"] if bool(flagged.any()) else out["fp32 per call, fp64 Z"]
+        if "(b) massive features in fp64" in wanted:
+            acc = sum(tile_products(without_features(x, massive)), torch.zeros(n, n))
+            out["(b) massive features in fp64"] += acc.double()
+            add_massive_columns(out["(b) massive features in fp64"], x, torch.ones(len(x)), massive)
+        if "(e) massive features in fp64, the rest per tile" in wanted:
+            split = out["(e) massive features in fp64, the rest per tile"]
+            for product in tile_products(without_features(x, massive)):
+                split += product.double()
+            add_massive_columns(split, x, torch.ones(len(x)), massive)
+    if "(c) flagged inputs in fp64" in wanted:
+        out["(c) flagged inputs in fp64"] = out["fp64"] if bool(flagged.any()) else out["fp32 per call, fp64 Z"]
     out["massive"] = flagged.nonzero().flatten()
     return out
 
@@ -138,8 +164,11 @@ def counted_seconds(shapes: list, scheme: str, rates: dict) -> float:
             "fp32 per tile, fp64": bf16 + n * n / 2 * tokens / TILE / rates["fp64"],
             "(a) int8 slices (Ozaki)": 6 * products / rates["int8"] + flush,
             "(b) massive features in fp64": bf16 + flush + 2 * n * massive * tokens / rates["fp64"],
+            "(e) massive features in fp64, the rest per tile": bf16 + n * n / 2 * tokens / TILE / rates["fp64"]
+            + 2 * n * massive * tokens / rates["fp64"],
             "(c) flagged inputs in fp64": products / rates["fp64"] if massive else bf16 + flush,
             "(d) compensated pair": bf16 + 4 * n * n / 2 * tokens / TILE / rates["fp32"] + flush,
+            "fp64, tile order": products / rates["fp64"],
             "fp64": products / rates["fp64"],
         }[scheme]
     return seconds / 1e12
@@ -154,27 +183,28 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reviews", type=int, default=128)
     parser.add_argument("--call-tokens", type=int, default=4096, help="tokens per kernel call; 0: one batch")
+    parser.add_argument("--schemes", default="", help="comma-separated prefixes of the schemes to sum (default all)")
+    parser.add_argument("--solvers", default="auto", help="comma-separated LoraDAConfig.solver values to solve with")
     args = parser.parse_args(argv)
+    prefixes = [p.strip() for p in args.schemes.split(",") if p.strip()]
+    schemes = tuple(s for s in SCHEMES if not prefixes or s == "fp64" or any(s.startswith(p) for p in prefixes))
     start = time.perf_counter()
     model, batches = main_job(args.reviews)
     model = model.to(torch.bfloat16)
     truth = lora_da.collect_statistics(model, batches, population_size=480, progress=False)  # Z: fp64 sums
-    cfg = lora_da.LoraDAConfig(population_size=480)
-    want = lora_da.solve(truth, cfg, progress=False)
-    want_ba = {name: f.lora_B.double() @ f.lora_A.double() for name, f in want.items()}
     per_input, found = {}, {}
     for key, rows in layer_inputs(model, batches).items():
         x = torch.cat(rows)
         calls = list(x.split(args.call_tokens)) if args.call_tokens else rows
-        summed = sums(calls)
+        summed = sums(calls, schemes)
         massive = summed.pop("massive")
         tokens = len(x)
         assert tokens == truth.inputs[key].num_tokens, key
         exact = summed["fp64"] / tokens
         norm = spectral_norm(exact)
         record = {"n": x.shape[1], "tokens": tokens, "calls": len(calls), "massive": massive.tolist(), "norm": norm}
-        for scheme, z in summed.items():
-            z = z.double() / tokens
+        for scheme in schemes:
+            z = summed[scheme].double() / tokens
             record[scheme] = {"error": spectral_norm(z - exact) / norm,
                               "smallest eigenvalue": float(torch.linalg.eigvalsh(z)[0])}
         per_input[key], found[key] = record, summed
@@ -183,45 +213,59 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"input_factor_schemes_{args.call_tokens}.json"
     path.write_text(json.dumps({"args": vars(args), "inputs": per_input}, indent=1))  # kept should a solve fail
+    tables = {solver: scheme_table(truth, found, per_input, shapes, schemes, solver)
+              for solver in args.solvers.split(",")}
+    flagged = {k: r["massive"] for k, r in per_input.items() if r["massive"]}
+    print(f"{len(per_input)} inputs, {shapes[0][1]} tokens each, in {shapes[0][2]} call(s) of at most "
+          f"{args.call_tokens or 'one batch'}; {len(flagged)} with massive "
+          f"features (largest |x| over {MASSIVE}x the median feature's): {flagged}")
+    for key, r in per_input.items():
+        if r.get("fp32 (the kernels before)", r["fp64"])["smallest eigenvalue"] + DAMPING <= 0:
+            print(f"  {key}: ||Z||_2 {r['norm']:.3g}, smallest eigenvalue fp64 {r['fp64']['smallest eigenvalue']:.3g}")
+    for solver, table in tables.items():
+        print(f"solver={solver}")
+        print("| scheme | largest ||E||_2 / ||Z||_2 (eps32) | Z / T + 1e-6 I indefinite | modules damped above 1e-6 "
+              "(largest damping) | largest B A difference (module) | counted cost, H100 | counted cost, RTX 4090 |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for scheme, row in table.items():
+            module, largest = next(iter(row["largest B A differences by module"].items()))
+            print(f"| {scheme} | {row['largest error / eps32']:.3g} | {len(row['indefinite at 1e-6'])} | "
+                  f"{row['modules damped above 1e-6']} ({row['largest damping']:.2g}) | "
+                  f"{largest:.2e} ({module}) | {row['counted cost, H100 SXM']:.2f} | "
+                  f"{row['counted cost, RTX 4090']:.2f} |")
+    print(f"{time.perf_counter() - start:.0f} s")
+    path.write_text(json.dumps({"args": vars(args), "inputs": per_input, "tables": tables}, indent=1, default=str))
+
+
+def scheme_table(truth, found: dict, per_input: dict, shapes: list, schemes: tuple, solver: str) -> dict:
+    """Scheme -> its figures, each scheme's sums solved with ``solver`` against the fp64 sums' solve."""
+    cfg = lora_da.LoraDAConfig(population_size=480, solver=solver)
+    want = lora_da.solve(truth, cfg, progress=False)
+    want_ba = {name: f.lora_B.double() @ f.lora_A.double() for name, f in want.items()}
     table = {}
-    for scheme in SCHEMES:
+    for scheme in schemes:
         stats = truth.to("cpu")
         for key in found:
             stats.inputs[key].z_sum = found[key][scheme]
-        stats.config[Z_FP32_TILES] = scheme not in ("fp64", "fp32 (the kernels before)")  # as kernel sums are marked
+        # as kernel sums are marked
+        stats.config[Z_FP32_TILES] = scheme not in ("fp64", "fp64, tile order", "fp32 (the kernels before)")
         with warnings.catch_warnings(record=True):  # the inputs damped at fp32's floor: counted below
             got = lora_da.solve(stats, cfg, progress=False)
         differences = {name: float((g.lora_B.double() @ g.lora_A.double() - want_ba[name]).norm()
                                    / want_ba[name].norm()) for name, g in got.items()}
-        ba = max(differences.values())
-        dampings = {name: d for info in got.report.values() for name, d in info["dampings"].items()}
+        dampings = {name: d for info in got.report.shapes.values() for name, d in info.dampings.items()}
         eps32 = torch.finfo(torch.float32).eps
         table[scheme] = {
             "largest error / eps32": max(r[scheme]["error"] for r in per_input.values()) / eps32,
             "indefinite at 1e-6": [k for k, r in per_input.items() if r[scheme]["smallest eigenvalue"] + DAMPING <= 0],
             "largest damping": max(dampings.values()),
             "modules damped above 1e-6": sum(d > DAMPING for d in dampings.values()),
-            "largest B A difference": ba,
+            "largest B A difference": max(differences.values()),
+            "modules over 1e-3": sum(d > 1e-3 for d in differences.values()),
             "largest B A differences by module": dict(sorted(differences.items(), key=lambda item: -item[1])[:5]),
             **{f"counted cost, {gpu}": counted_seconds(shapes, scheme, rates)
                / counted_seconds(shapes, "fp32 (the kernels before)", rates) for gpu, rates in RATES.items()}}
-    flagged = {k: r["massive"] for k, r in per_input.items() if r["massive"]}
-    print(f"{len(per_input)} inputs, {shapes[0][1]} tokens each, in {shapes[0][2]} call(s) of at most "
-          f"{args.call_tokens or 'one batch'}; {len(flagged)} with massive "
-          f"features (largest |x| over {MASSIVE}x the median feature's): {flagged}")
-    for key, r in per_input.items():
-        if r["fp32 (the kernels before)"]["smallest eigenvalue"] + DAMPING <= 0:
-            print(f"  {key}: ||Z||_2 {r['norm']:.3g}, smallest eigenvalue fp64 {r['fp64']['smallest eigenvalue']:.3g}")
-    print("| scheme | largest ||E||_2 / ||Z||_2 (eps32) | Z / T + 1e-6 I indefinite | modules damped above 1e-6 "
-          "(largest damping) | largest B A difference | counted cost, H100 | counted cost, RTX 4090 |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for scheme, row in table.items():
-        print(f"| {scheme} | {row['largest error / eps32']:.3g} | {len(row['indefinite at 1e-6'])} | "
-              f"{row['modules damped above 1e-6']} ({row['largest damping']:.2g}) | "
-              f"{row['largest B A difference']:.2e} | {row['counted cost, H100 SXM']:.2f} | "
-              f"{row['counted cost, RTX 4090']:.2f} |")
-    print(f"{time.perf_counter() - start:.0f} s")
-    path.write_text(json.dumps({"args": vars(args), "inputs": per_input, "table": table}, indent=1, default=str))
+    return table
 
 
 if __name__ == "__main__":
