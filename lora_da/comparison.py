@@ -351,13 +351,14 @@ def compare(
     ``lora_config``: the PEFT ``LoraConfig`` every start shares, its ``init_lora_weights`` set per
     start (default: r=8, alpha=16, every linear layer but the head). ``train``: batches (dicts for
     ``model(**model_inputs(batch))`` with ``labels``), one per step, cycled; ``heldout``: batches
-    ``evaluate(model, heldout)`` reads (default ``mean_loss``: {"loss"}); ``calibration``: the batches data-reading starts see (default: the first of
-    ``train``, up to 8), ``population_size`` N for LoRA-DA (default: the training examples).
-    ``starts``: names of ``STARTS`` or ``Start`` objects. Every start gets the same seed before it
-    is made and before it trains (torch.manual_seed), the same batches in the same order and the
-    same optimiser. ``eval_steps``: default ``evaluation_steps(steps)``. ``observe(start, model)``
-    after each start is made: its dict goes into the run's ``extra``. ``adapter_folder``: the
-    adapter of the best start (lowest mean final held-out loss) of the first seed is written there.
+    ``evaluate(model, heldout)`` reads (default ``mean_loss``: {"loss"}); ``calibration``: the
+    batches data-reading starts see (default: the first of ``train``, up to 8); ``population_size``:
+    N for LoRA-DA (default: the training examples). ``starts``: names of ``STARTS`` or ``Start``
+    objects. Every start gets the same seed before it is made and before it trains
+    (torch.manual_seed), the same batches in the same order and the same optimiser.
+    ``eval_steps``: default ``evaluation_steps(steps)``. ``observe(start, model)`` after each start
+    is made: its dict goes into the run's ``extra``. ``adapter_folder``: the adapter of the best
+    start (lowest mean final held-out loss) of the first seed is written there.
     """
     chosen = chosen_starts(starts)
     if steps < 1 or not train or not heldout:

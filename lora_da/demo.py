@@ -81,7 +81,8 @@ def main(argv=None) -> dict:
         curve, figures = fine_tune(model, train_batches, len(train_batches), args.lr,
                                    lambda m: verbalizer.evaluate(m, eval_batches), [len(train_batches)],
                                    verbalizer.model_inputs, desc=f"{init} fine-tune")
-        results[f"{init}/step0"], results[f"{init}/curve"], results[f"{init}/final"] = figures[0], curve, figures[len(curve)]
+        results[f"{init}/step0"], results[f"{init}/final"] = figures[0], figures[len(curve)]
+        results[f"{init}/curve"] = curve
         print(f"  step 0: held-out label loss {results[f'{init}/step0'][0]:.4f}, accuracy {results[f'{init}/step0'][1]:.3f}")
         print_windows(curve)
         if init == "lora_da":

@@ -208,7 +208,8 @@ class TokenSpaceSolver:
             key = self.stats.modules[name].input_key
             reports[name] = ModuleReport(self.factors.damping(key), token_space=self.bases.bases[key][0].shape[1])
         self.factors.done(found)
-        return {(beta, name): subspace for name, per_beta in found.items() for beta, subspace in per_beta.items()}, reports
+        subspaces = {(beta, name): subspace for name, per_beta in found.items() for beta, subspace in per_beta.items()}
+        return subspaces, reports
 
 
 def _problems(stats: Statistics, names: Sequence[str], bases: TokenBases, cfg: LoraDAConfig,
