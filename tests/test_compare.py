@@ -139,3 +139,14 @@ def test_the_model_loads_the_kept_adapter(model_dir, examples_file, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(model_dir))
     model = PeftModel.from_pretrained(base, str(out / "adapter"), is_trainable=True)
     assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_the_starts_run_on_a_4bit_base(model_dir, examples_file, tmp_path, capsys):
+    """QLoRA: the base in NF4 (bitsandbytes' CPU backend here); the starts that keep the base run."""
+    out = tmp_path / "out"
+    assert cli.main(["compare", "--model", str(model_dir), "--data", str(examples_file), "--prompt-field", "prompt",
+                     "--starts", "peft_default,lora_da,lora_one", "--steps", "2", "--batch-size", "4",
+                     "--calibration", "8", "--load-in-4bit", "--output", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert {row["start"] for row in rows} == {"peft_default", "lora_da", "lora_one"}
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("best start: ")
