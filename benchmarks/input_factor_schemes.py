@@ -98,12 +98,34 @@ def int8_slices(x: torch.Tensor) -> tuple:
     return torch.stack(slices), scale
 
 
+def add_tile_sums(out: dict, x: torch.Tensor, schemes: set) -> None:
+    """Add one call's tile products of x [t, n] into ``out``'s Z of the ``schemes`` that sum them
+    in fp32 per call, per tile into fp64, or in a compensated (hi, lo) pair."""
+    n = x.shape[1]
+    acc, hi, lo = torch.zeros(n, n), torch.zeros(n, n), torch.zeros(n, n)
+    pairs, tiles = "(d) compensated pair" in schemes, "fp32 per tile, fp64" in schemes
+    for product in tile_products(x):
+        acc += product
+        if tiles:
+            out["fp32 per tile, fp64"] += product.double()
+        if pairs:
+            two_sum(hi, lo, product)
+    if "fp32 per call, fp64 Z" in schemes:
+        out["fp32 per call, fp64 Z"] += acc.double()
+    if "fp32 (the kernels before)" in schemes:
+        out["fp32 (the kernels before)"] += acc
+    if pairs:
+        out["(d) compensated pair"] += hi.double() + lo.double()
+
+
 def sums(calls: list, schemes: tuple) -> dict:
     """Scheme -> what it sums as Z [n, n] (fp64; fp32 for the fp32 accumulator) over the calls'
     counted rows [t, n] (bf16 values held in fp32), for ``schemes`` and "fp64", and "massive": the
     features (b) takes."""
     n = calls[0].shape[1]
-    wanted = set(schemes) | {"fp64", "fp32 per call, fp64 Z"}
+    wanted = set(schemes) | {"fp64"} | ({"fp32 per call, fp64 Z"} if "(c) flagged inputs in fp64" in schemes else set())
+    per_call = wanted & {"fp32 (the kernels before)", "fp32 per call, fp64 Z", "fp32 per tile, fp64",
+                         "(d) compensated pair"}
     out = {s: torch.zeros(n, n, dtype=torch.float32 if s.startswith("fp32 (") else torch.float64) for s in wanted}
     flagged = torch.zeros(n, dtype=torch.bool)
     for x in calls:
@@ -112,19 +134,8 @@ def sums(calls: list, schemes: tuple) -> dict:
         if "fp64, tile order" in wanted:
             for start in range(0, len(x), TILE):
                 out["fp64, tile order"] += wide[start:start + TILE].T @ wide[start:start + TILE]
-        acc, hi, lo = torch.zeros(n, n), torch.zeros(n, n), torch.zeros(n, n)
-        pairs, tiles = "(d) compensated pair" in wanted, "fp32 per tile, fp64" in wanted
-        for product in tile_products(x):
-            acc += product
-            if tiles:
-                out["fp32 per tile, fp64"] += product.double()
-            if pairs:
-                two_sum(hi, lo, product)
-        out["fp32 per call, fp64 Z"] += acc.double()
-        if "fp32 (the kernels before)" in wanted:
-            out["fp32 (the kernels before)"] += acc
-        if pairs:
-            out["(d) compensated pair"] += hi.double() + lo.double()
+        if per_call:
+            add_tile_sums(out, x, per_call)
         if "(a) int8 slices (Ozaki)" in wanted:
             slices, scale = int8_slices(x)
             exact = torch.zeros(n, n, dtype=torch.float64)

@@ -270,11 +270,11 @@ class Comparison:
         return {"runs": [asdict(run) for run in self.runs]}
 
 
-def save_adapter(model: nn.Module, start: Start, folder: Path, initial: Optional[Path] = None) -> None:
-    """``model``'s adapter for ``PeftModel.from_pretrained`` on the original base; a start that
-    rewrote the base weights is converted against its ``initial`` adapter (PEFT's conversion)."""
+def save_adapter(model: nn.Module, folder: Path, initial: Optional[Path] = None) -> None:
+    """``model``'s adapter for ``PeftModel.from_pretrained`` on the original base; with ``initial``
+    (a start that rewrote the base weights) converted against that initial adapter (PEFT's conversion)."""
     options = {"save_embedding_layers": False}
-    if start.rewrites_base:
+    if initial is not None:
         options["path_initial_model_for_weight_conversion"] = str(initial)
     with dependency_noise_filtered():
         model.save_pretrained(str(folder), **options)
@@ -307,7 +307,7 @@ class _Trial:
         extra = self.observe(start.name, model) if self.observe is not None else {}
         if saved is not None and start.rewrites_base:
             model.peft_config["default"].init_lora_weights = True  # the initial adapter, loaded as it is
-            save_adapter(model, STARTS["peft_default"], saved / f"{start.name}_initial")
+            save_adapter(model, saved / f"{start.name}_initial")
         evaluating = [0.0]  # seconds of the held-out evaluations, not counted as training
 
         def timed_evaluation(m):
@@ -322,7 +322,7 @@ class _Trial:
                                    self.model_inputs, desc=f"{start.name} (seed {seed})" if self.progress else None)
         train_seconds = time.perf_counter() - began - evaluating[0]
         if saved is not None:
-            save_adapter(model, start, saved / start.name, saved / f"{start.name}_initial")
+            save_adapter(model, saved / start.name, saved / f"{start.name}_initial" if start.rewrites_base else None)
         return Run(start.name, seed, init_seconds, train_seconds, curve, heldout, extra)
 
 

@@ -91,9 +91,9 @@ def test_a_start_that_rewrites_the_base_is_saved_for_the_original_base(tmp_path)
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     model = STARTS["pissa"].make(tiny_llama(seed=5, dtype=torch.float32), config, batches, 10)
     model.peft_config["default"].init_lora_weights = True
-    save_adapter(model, STARTS["peft_default"], tmp_path / "initial")
+    save_adapter(model, tmp_path / "initial")
     fine_tune(model, batches, 3, 1e-2, lambda m: {}, [])
-    save_adapter(model, STARTS["pissa"], tmp_path / "final", tmp_path / "initial")
+    save_adapter(model, tmp_path / "final", tmp_path / "initial")
     loaded = PeftModel.from_pretrained(tiny_llama(seed=5, dtype=torch.float32), str(tmp_path / "final"))
     model.eval(), loaded.eval()
     with torch.no_grad():
