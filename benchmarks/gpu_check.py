@@ -9,9 +9,11 @@ called with a mask, and ``_compacted``: counted tokens first, as the token buffe
 the best plain-PyTorch paths: fp32 ``addmm_`` and a bf16 matmul with fp32 output then add (their
 inputs cast and masked beforehand, outside the timing), and against Z summed in fp64 as
 ``input_factor_dtype="float64"`` sums it (``torch_fp64_z``: fp64 products through PyTorch). Each
-kernel backend is also timed as ``input_factor_dtype="mixed"`` runs it (``_mixed_compacted``:
-Z in fp64, each call's fp32 sums added into it, the massive features' rows and columns in fp64;
-the inputs carry two massive features, as SmolLM2's and Llama's down_proj inputs do). TFLOP/s count
+kernel backend is also timed as ``input_factor_dtype="mixed"`` runs it, and the default ``"auto"``
+with the Triton kernel (``_mixed_compacted``: Z in fp64, the Triton kernel's fp32 tile sums added
+into fp64 registers every ``massive.flush_tokens`` tokens, the CUDA extension's every call, the
+massive features' rows and columns in fp64; the inputs carry two massive features, as SmolLM2's
+and Llama's down_proj inputs do). TFLOP/s count
 useful work only: the triangle of Z (n^2 T_counted) and 2 m n T for G. Everything goes to $OUT (default ./outputs):
 gpu_check.json (all figures), gpu_check.txt (this printout), gpu_tests.txt (pytest output),
 eigensolver.json/.txt (the solver: all 224 Llama-2-7B-shaped modules at r = 8 and 64, target <= 5 s,

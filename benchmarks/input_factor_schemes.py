@@ -26,6 +26,11 @@ tensor-core product of a tile, summed in fp32 inside the instruction.
                                into fp64 Z at the end of each call
   (e) massive features in fp64, (b)'s massive rows and columns, every other tile product added
       the rest per tile        into fp64 ("fp32 per tile, fp64")
+  (f) (e), flushed every 256    (e) with four tile products summed in fp32 before each fp64 addition
+      tokens                   (a quarter of the fp64 additions: consumer GPUs' fp64 units are slow)
+  (g) (e), fp64 where T <= 2n  the default (``input_factor_dtype="auto"`` with the Triton kernel):
+                               an input with at most HELD_ROWS_PER_FEATURE tokens per feature in
+                               fp64 (its rows held), the others as (e)
   fp64, tile order             fp64 products of each tile added into fp64 Z: fp64 sums in another
                                order (as a tiled GPU kernel sums), the solve's own sensitivity
 Per scheme: the largest ||E||_2 / ||Z||_2 over the inputs, the inputs whose Z / T + 1e-6 I is not
@@ -55,11 +60,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import lora_da  # noqa: E402
 from input_factor_precision import layer_inputs, main_job  # noqa: E402
+from lora_da.memory import HELD_ROWS_PER_FEATURE  # noqa: E402
 from lora_da.kernels.massive import MASSIVE, add_massive_columns, massive_features, without_features  # noqa: E402
 from lora_da.statistics import Z_FP32_TILES  # noqa: E402
 
 DAMPING = 1e-6
 TILE = 64  # tokens per tensor-core product (the Triton kernel's BLOCK_T)
+FLUSH_EVERY = 256  # tokens summed in fp32 before each fp64 addition in scheme (f)
 SLICES, SLICE_BITS = 3, 7
 # published dense peak rates, TFLOP/s (TOP/s for int8): bf16 tensor cores with fp32 accumulation,
 # int8 tensor cores with int32 accumulation, fp32 and fp64 units (the H100's fp64 tensor cores)
@@ -67,7 +74,9 @@ RATES = {"H100 SXM": {"bf16": 989.4, "int8": 1978.9, "fp32": 66.9, "fp64": 66.9}
          "RTX 4090": {"bf16": 165.2, "int8": 660.6, "fp32": 82.6, "fp64": 1.29}}
 SCHEMES = ("fp32 (the kernels before)", "fp32 per call, fp64 Z", "fp32 per tile, fp64", "(a) int8 slices (Ozaki)",
            "(b) massive features in fp64", "(c) flagged inputs in fp64", "(d) compensated pair",
-           "(e) massive features in fp64, the rest per tile", "fp64, tile order", "fp64")
+           "(e) massive features in fp64, the rest per tile", "(f) (e), flushed every 256 tokens",
+           "(g) (e), fp64 where T <= 2n", "fp64, tile order", "fp64")
+PER_TILE, FLUSHED, HELD = SCHEMES[7:10]
 
 
 def tile_products(x: torch.Tensor):
@@ -118,12 +127,27 @@ def add_tile_sums(out: dict, x: torch.Tensor, schemes: set) -> None:
         out["(d) compensated pair"] += hi.double() + lo.double()
 
 
+def add_split_tiles(z: torch.Tensor, x: torch.Tensor, massive: torch.Tensor, flush: int) -> None:
+    """z [n, n] (fp64) += (e)'s sums of x [t, n]: the ``massive`` features' rows and columns in
+    fp64, every other entry as tile products summed in fp32 over ``flush`` tokens, then into z."""
+    n = x.shape[1]
+    acc = torch.zeros(n, n)
+    for i, product in enumerate(tile_products(without_features(x, massive)), start=1):
+        acc += product
+        if i % (flush // TILE) == 0:
+            z += acc.double()
+            acc.zero_()
+    z += acc.double()
+    add_massive_columns(z, x, torch.ones(len(x)), massive)
+
+
 def sums(calls: list, schemes: tuple) -> dict:
     """Scheme -> what it sums as Z [n, n] (fp64; fp32 for the fp32 accumulator) over the calls'
     counted rows [t, n] (bf16 values held in fp32), for ``schemes`` and "fp64", and "massive": the
     features (b) takes."""
     n = calls[0].shape[1]
-    wanted = set(schemes) | {"fp64"} | ({"fp32 per call, fp64 Z"} if "(c) flagged inputs in fp64" in schemes else set())
+    wanted = (set(schemes) | {"fp64"} | ({"fp32 per call, fp64 Z"} if "(c) flagged inputs in fp64" in schemes else set())
+              | ({PER_TILE} if HELD in schemes else set()))
     per_call = wanted & {"fp32 (the kernels before)", "fp32 per call, fp64 Z", "fp32 per tile, fp64",
                          "(d) compensated pair"}
     out = {s: torch.zeros(n, n, dtype=torch.float32 if s.startswith("fp32 (") else torch.float64) for s in wanted}
@@ -150,11 +174,12 @@ def sums(calls: list, schemes: tuple) -> dict:
             acc = sum(tile_products(without_features(x, massive)), torch.zeros(n, n))
             out["(b) massive features in fp64"] += acc.double()
             add_massive_columns(out["(b) massive features in fp64"], x, torch.ones(len(x)), massive)
-        if "(e) massive features in fp64, the rest per tile" in wanted:
-            split = out["(e) massive features in fp64, the rest per tile"]
-            for product in tile_products(without_features(x, massive)):
-                split += product.double()
-            add_massive_columns(split, x, torch.ones(len(x)), massive)
+        if PER_TILE in wanted:
+            add_split_tiles(out[PER_TILE], x, massive, TILE)
+        if FLUSHED in wanted:
+            add_split_tiles(out[FLUSHED], x, massive, FLUSH_EVERY)
+    if HELD in wanted:
+        out[HELD] = out["fp64"] if sum(len(x) for x in calls) <= HELD_ROWS_PER_FEATURE * n else out[PER_TILE]
     if "(c) flagged inputs in fp64" in wanted:
         out["(c) flagged inputs in fp64"] = out["fp64"] if bool(flagged.any()) else out["fp32 per call, fp64 Z"]
     out["massive"] = flagged.nonzero().flatten()
@@ -169,14 +194,17 @@ def counted_seconds(shapes: list, scheme: str, rates: dict) -> float:
         products = n * n * tokens  # flops of the upper-triangular products
         bf16 = products / rates["bf16"]
         flush = n * n / 2 * calls / rates["fp64"]
+        massive_columns = 2 * n * massive * tokens / rates["fp64"]
+        per_tile = bf16 + n * n / 2 * tokens / TILE / rates["fp64"] + massive_columns
         seconds += {
             "fp32 (the kernels before)": bf16,
             "fp32 per call, fp64 Z": bf16 + flush,
             "fp32 per tile, fp64": bf16 + n * n / 2 * tokens / TILE / rates["fp64"],
             "(a) int8 slices (Ozaki)": 6 * products / rates["int8"] + flush,
-            "(b) massive features in fp64": bf16 + flush + 2 * n * massive * tokens / rates["fp64"],
-            "(e) massive features in fp64, the rest per tile": bf16 + n * n / 2 * tokens / TILE / rates["fp64"]
-            + 2 * n * massive * tokens / rates["fp64"],
+            "(b) massive features in fp64": bf16 + flush + massive_columns,
+            PER_TILE: per_tile,
+            FLUSHED: bf16 + n * n / 2 * tokens / FLUSH_EVERY / rates["fp64"] + massive_columns,
+            HELD: products / rates["fp64"] if tokens <= HELD_ROWS_PER_FEATURE * n else per_tile,
             "(c) flagged inputs in fp64": products / rates["fp64"] if massive else bf16 + flush,
             "(d) compensated pair": bf16 + 4 * n * n / 2 * tokens / TILE / rates["fp32"] + flush,
             "fp64, tile order": products / rates["fp64"],

@@ -10,7 +10,7 @@ import torch
 from . import dispatch
 from .config import LoraDAConfig
 from .kernels.reference import write_sequence_sums
-from .memory import z_dtype
+from .memory import HELD_ROWS_PER_FEATURE, kernel_sums_fp64, z_dtype
 from .statistics import Z_FP32_TILES, InputStatistics, ModuleStatistics, Statistics
 from .targets import Target
 
@@ -105,6 +105,8 @@ class Accumulators:
         # sums need each batch's layout, so sequence_lowrank runs each event at once
         self.chunk = 0 if cfg.output_fisher == "sequence_lowrank" else chunk
         self.fp32_tiles = False  # whether a kernel summed Z from fp32 tile sums (``kernels.massive``)
+        self.held: Dict[str, List[torch.Tensor]] = {}  # input key -> its counted rows [t, n] on the host
+        self.released = set()  # inputs whose rows passed what is held: the kernel sums their Z
         self.buffers: Dict[str, TokenBuffer] = {}  # input key -> its gathered tokens
         self.input_of: Dict[str, str] = {}  # module -> input key
         self.inputs: Dict[str, InputStatistics] = {}
@@ -163,13 +165,16 @@ class Accumulators:
         names = list(grads)
         impl = dispatch.resolve("fisher_update", self.cfg.backend, x.device, x.dtype)
         z_sum = self.inputs[key].z_sum
-        if z_sum.dtype == torch.float64 and impl.backend != "torch" and (
-                self.cfg.input_factor_dtype != "mixed" or x.dtype == torch.float32):
-            # fp64 products through PyTorch: asked for, or fp32 inputs, whose products the kernels
-            # would round (the kernels' fp64 path needs products that are exact in fp32: fp16, bf16)
-            dispatch.find("fisher_update", "torch").fn(x, mask, [], z_sum, [], [], counted=counted)
+        if z_sum.dtype == torch.float64 and impl.backend != "torch":
+            if kernel_sums_fp64(self.cfg.input_factor_dtype, impl.backend, x.dtype):
+                rest = self._hold_rows(key, x, mask, counted)
+                if rest is not None:
+                    self.fp32_tiles = True
+                    rest_x, rest_mask, rest_counted = rest
+                    impl.fn(rest_x, rest_mask, [], z_sum, [], [], counted=rest_counted)
+            else:  # fp64 products through PyTorch
+                dispatch.find("fisher_update", "torch").fn(x, mask, [], z_sum, [], [], counted=counted)
             z_sum = None
-        self.fp32_tiles |= z_sum is not None and z_sum.dtype == torch.float64 and impl.backend != "torch"
         impl.fn(x, mask, list(grads.values()), z_sum, [self.modules[m].g_sum for m in names],
                 [self.modules[m].y_sum for m in names], counted=counted)
         if self.cfg.output_fisher == "sequence_lowrank":
@@ -179,6 +184,24 @@ class Accumulators:
                 write_sequence_sums(grad, mask, sums)
                 previous = self.batch_seq_sums.get(m)
                 self.batch_seq_sums[m] = sums if previous is None else previous + sums
+
+    def _hold_rows(self, key: str, x: torch.Tensor, mask: torch.Tensor, counted: Optional[int]):
+        """Keep in host memory the counted rows of x [B, L, n] while input ``key`` has at most
+        HELD_ROWS_PER_FEATURE * n of them (``statistics`` sums rows still held as fp64 products).
+        Returns None while held, else (x, mask, counted) for the kernel: the held rows at once
+        (compacted, back on x's device) when they pass that, the call's own after. Synchronises
+        with the device per call while held."""
+        if key in self.released:
+            return x, mask, counted
+        n = x.shape[-1]
+        flat = x.reshape(-1, n)
+        rows = flat[:counted] if counted is not None else flat[mask.reshape(-1)]
+        self.held.setdefault(key, []).append(rows.to("cpu", copy=True))
+        if sum(len(r) for r in self.held[key]) <= HELD_ROWS_PER_FEATURE * n:
+            return None
+        rows = torch.cat(self.held.pop(key)).to(x.device)
+        self.released.add(key)
+        return rows[None], torch.ones((1, len(rows)), dtype=torch.bool, device=rows.device), len(rows)
 
     def finish_batch(self, batch_size: int) -> None:
         """Close a batch of ``batch_size`` sequences: its per-sequence sums (zeros for a module
@@ -196,6 +219,12 @@ class Accumulators:
         """The pass's Statistics, buffers flushed, Z mirrored, modules in the targets' order."""
         for buffer in self.buffers.values():
             buffer.flush()
+        products = dispatch.find("fisher_update", "torch").fn
+        for key, rows in self.held.items():  # inputs with few tokens for their features: fp64 products
+            rows = torch.cat(rows).to(self.inputs[key].z_sum.device)
+            every = torch.ones((1, len(rows)), dtype=torch.bool, device=rows.device)
+            products(rows[None], every, [], self.inputs[key].z_sum, [], [], counted=len(rows))
+        self.held = {}
         for key, entry in self.inputs.items():
             entry.num_tokens = int(self.token_tensors[key])
             entry.z_sum = mirror_upper(entry.z_sum)

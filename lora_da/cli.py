@@ -95,6 +95,8 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-memory", metavar="BYTES", help="bytes for the statistics, or 'auto' (default: unbounded)")
     plan.add_argument("--input-factor-dtype", default="auto", choices=list(INPUT_FACTOR_DTYPES))
     plan.add_argument("--buffer-tokens", metavar="N", type=int, default=4096)
+    plan.add_argument("--device", metavar="DEVICE", default="cpu",
+                      help="torch device collection will run on, e.g. cuda (default cpu): how Z is summed there")
 
     compare_command.add_parser(commands)
 
@@ -166,7 +168,7 @@ def run_plan(args) -> None:
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
-    print(lora_da.plan_memory(model, cfg, _max_memory(args)))
+    print(lora_da.plan_memory(model, cfg, _max_memory(args), device=args.device))
 
 
 def _config(**fields):

@@ -24,11 +24,14 @@ class LoraDAConfig:
     ``float32``: fp32 sums (the input's dtype when wider); their rounding noise, about
     eps32 * ||Z||, can exceed lambda, and the solve then damps each input at its rounding floor
     instead (see ``input_factors.rounding_floor``). ``mixed``: fp64 sums; where the kernels run on
-    fp16 or bf16 inputs (whose products fp32 holds exactly), they add each call's fp32 sums into
-    them and sum the massive features' rows and columns in fp64 (``kernels.massive``), elsewhere
-    as ``float64``: kernel speed, but B A within 1.6e-2 of fp64's on the main job, not 1e-3
-    (RESULTS.md, "Input factor schemes"). ``auto``: the fastest of these measured to give fp64's
-    factors: today ``float64``. ``buffer_tokens``: the
+    fp16 or bf16 inputs (whose products fp32 holds exactly), each input's counted rows are held in
+    host memory until they number over twice its n features (an input that never does, whose Z is
+    singular or nearly so, gets fp64 products through PyTorch), then the kernels sum the massive
+    features' rows and columns in fp64 and every other entry as fp32 tile sums added into fp64
+    every few tokens (the Triton kernel) or every call (the CUDA extension; ``kernels.massive``);
+    elsewhere as ``float64``. ``auto``: ``mixed`` where the Triton kernel runs, ``float64``
+    elsewhere (CPUs, the CUDA extension, fp32 models): RESULTS.md, "Input factor schemes",
+    measures each against fp64 sums. ``buffer_tokens``: the
     tokens of each distinct input gathered across micro-batches before the statistics op runs on
     them as one chunk (fewer where the buffers would exceed an eighth of the accumulators' bytes or
     what ``max_memory`` leaves; 0: the op runs on each micro-batch). ``solver_mixed_precision``:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
+from . import dispatch
 from .batches import execution_device
 from .config import LoraDAConfig, resolve_config
 from .targets import Target, find_targets
@@ -32,6 +33,7 @@ class MemoryPlan:
     model_bytes: int  # the model's parameters and buffers (from their shapes: on the meta device too)
     budget: Optional[int]  # max_memory in bytes, None = unbounded
     z_summation: str = "float64"  # input_factor_dtype, with the dtype of Z's sums
+    held_bytes: List[int] = field(default_factory=list)  # per pass: rows in host memory (``holds_rows``)
 
     @property
     def passes(self) -> int:
@@ -55,6 +57,9 @@ class MemoryPlan:
         lines.append(f"  statistics {sum(self.accumulator_bytes) / gib:.2f} GiB in all; expected peak on the device "
                      f"{self.peak_bytes / gib:.2f} GiB (model {self.model_bytes / gib:.2f} GiB, plus one batch's "
                      "activations)")
+        if any(self.held_bytes):
+            lines.append(f"  rows held in host memory while an input has few tokens: up to "
+                         f"{max(self.held_bytes) / gib:.2f} GiB (the largest pass)")
         return "\n".join(lines)
 
 
@@ -65,31 +70,69 @@ def z_dtype(cfg: LoraDAConfig, element: torch.dtype) -> torch.dtype:
     return torch.promote_types(wanted, element)
 
 
+# an input's counted rows are held, and summed as fp64 products, until they number this many times
+# its features: with T <= n tokens Z is singular, and for T up to a few n so ill-conditioned that
+# fp32 sums of its entries, even flushed into fp64 every few tokens, break the damping's hold on its
+# smallest eigenvalues (RESULTS.md, "Input factor schemes")
+HELD_ROWS_PER_FEATURE = 2
+
+
+def kernel_sums_fp64(input_factor_dtype: str, backend: str, dtype: torch.dtype) -> bool:
+    """Whether the ``backend`` kernel sums an fp64 Z of ``dtype`` inputs itself (``kernels.massive``,
+    for inputs with over HELD_ROWS_PER_FEATURE * n counted tokens): for "mixed", any kernel on fp16
+    or bf16 inputs, whose products fp32 holds exactly; for "auto", the Triton kernel only (the CUDA
+    extension's GEMMs sum a whole call in fp32: RESULTS.md, "Input factor schemes"). Otherwise
+    Z's products are fp64 through PyTorch."""
+    if dtype == torch.float32 or backend == "torch":
+        return False
+    return input_factor_dtype == "mixed" or (input_factor_dtype == "auto" and backend == "triton")
+
+
+def holds_rows(cfg: LoraDAConfig, device: torch.device, x_dtype: torch.dtype) -> bool:
+    """Whether collection on ``device`` holds each input's counted rows of ``x_dtype`` in host
+    memory until they outnumber HELD_ROWS_PER_FEATURE times its features
+    (``Accumulators._hold_rows``)."""
+    if z_dtype(cfg, torch.promote_types(torch.float32, x_dtype)) != torch.float64:
+        return False
+    try:
+        backend = dispatch.resolve("fisher_update", cfg.backend, device, x_dtype).backend
+    except RuntimeError:
+        return False
+    return kernel_sums_fp64(cfg.input_factor_dtype, backend, x_dtype)
+
+
 def plan_memory(model: nn.Module, cfg: Optional[LoraDAConfig] = None, max_memory: Union[int, str, None] = None,
-                targets: Optional[Dict[str, Target]] = None, **overrides) -> MemoryPlan:
+                targets: Optional[Dict[str, Target]] = None, device: Optional[torch.device] = None,
+                **overrides) -> MemoryPlan:
     """The passes, chunks and bytes that ``collect_statistics(model, ..., max_memory=max_memory)``
-    will use (``targets``: found from ``cfg.target_modules`` when not given). Only shapes and
-    dtypes are read: build a model on the meta device to plan for one that fits nowhere here."""
+    will use (``targets``: found from ``cfg.target_modules`` when not given) on ``device`` (default:
+    the model's execution device). Only shapes and dtypes are read: build a model on the meta
+    device to plan for one that fits nowhere here."""
     cfg = resolve_config(cfg, overrides)
     targets = find_targets(model, cfg.target_modules) if targets is None else targets
     param = next(model.parameters(), None)
     x_dtype = param.dtype if param is not None else torch.float32
     element = torch.promote_types(torch.float32, x_dtype)
     z_element = z_dtype(cfg, element)
-    budget = memory_budget(max_memory, execution_device(model))
+    device = execution_device(model) if device is None else torch.device(device)
+    budget = memory_budget(max_memory, device)
     groups = plan_groups(targets, element.itemsize, z_element.itemsize, budget)
-    chunks, accumulators, buffers = [], [], []
+    held = holds_rows(cfg, device, x_dtype)
+    chunks, accumulators, buffers, held_bytes = [], [], [], []
     for group in groups:
         members = [targets[name] for name in group]
         accumulators.append(accumulator_bytes(members, element.itemsize, z_element.itemsize))
+        # up to HELD_ROWS_PER_FEATURE * n rows of n elements per input (counted per module, as Z)
+        held_bytes.append(sum(HELD_ROWS_PER_FEATURE * x_dtype.itemsize * t.in_features ** 2 for t in members) * held)
         left = int(accumulators[-1] * BUFFER_SHARE_OF_ACCUMULATORS)
         if budget is not None:
             left = min(left, budget - accumulators[-1])
         chunks.append(chunk_tokens(members, cfg.buffer_tokens, x_dtype.itemsize, left))
         buffers.append(chunks[-1] * buffer_token_bytes(members, x_dtype.itemsize))
     model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    summation = f"{cfg.input_factor_dtype} ({str(z_element).replace('torch.', '')} sums)"
-    return MemoryPlan(groups, chunks, accumulators, buffers, model_bytes, budget, summation)
+    summation = f"{cfg.input_factor_dtype} ({str(z_element).replace('torch.', '')} sums"
+    summation += ", the kernels' fp32 tiles added into them every few tokens)" if held else ")"
+    return MemoryPlan(groups, chunks, accumulators, buffers, model_bytes, budget, summation, held_bytes)
 
 
 def memory_budget(max_memory: Union[int, str, None], device: torch.device) -> Optional[int]:

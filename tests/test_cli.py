@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import lora_da
 from conftest import bad_input as bad, write_examples
 from lora_da import cli
+from lora_da.memory import HELD_ROWS_PER_FEATURE
 
 LORA_DA = Path(sys.executable).with_name("lora-da")
 
@@ -175,3 +176,13 @@ def test_plan_for_a_70b_shape_runs_from_its_config(tmp_path, capsys):
     assert cli.main(["plan", "--model", str(tmp_path), "--input-factor-dtype", "float32"]) == 0
     single = capsys.readouterr().out
     assert "Z summed as float32 (float32 sums)" in single and total_gib(single) < total_gib(printed)
+
+    # on a GPU the Triton kernel sums Z, and each input's first 2n bf16 rows wait in host memory
+    assert cli.main(["plan", "--model", str(tmp_path), "--device", "cuda"]) == 0
+    gpu = capsys.readouterr().out
+    assert "Z summed as auto (float64 sums, the kernels' fp32 tiles added into them every few tokens)" in gpu
+    assert cli.main(["plan", "--model", str(tmp_path)]) == 0
+    assert total_gib(gpu) == total_gib(capsys.readouterr().out)  # the device holds the same
+    # 2n bf16 rows of n per module (q, k, v, o, gate, up; down), the plan's one pass
+    held_gib = 80 * (6 * 8192 ** 2 + 28672 ** 2) * 2 * HELD_ROWS_PER_FEATURE / 2**30
+    assert f"rows held in host memory while an input has few tokens: up to {held_gib:.2f} GiB" in gpu

@@ -11,6 +11,7 @@ import torch
 
 from lora_da import dispatch
 from lora_da.kernels import reference
+from lora_da.memory import HELD_ROWS_PER_FEATURE
 from lora_da.statistics import Z_FP32_TILES
 
 pytestmark = pytest.mark.usefixtures("poisoned_empty")
@@ -156,20 +157,23 @@ def test_kernel_accumulates_over_calls(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fisher", ["sequence_lowrank", "diagonal"])
 @pytest.mark.parametrize("input_factor_dtype,buffer_tokens",
-                         [("float64", 0), ("float32", 0), ("float32", 4096), ("mixed", 0), ("mixed", 4096)],
-                         ids=["fp64 Z", "fp32 Z", "fp32 Z, compacted chunks", "mixed Z", "mixed Z, compacted chunks"])
+                         [("float64", 0), ("float32", 0), ("float32", 4096), ("mixed", 0), ("mixed", 4096),
+                          ("auto", 4096)],
+                         ids=["fp64 Z", "fp32 Z", "fp32 Z, compacted chunks", "mixed Z", "mixed Z, compacted chunks",
+                              "auto Z, compacted chunks"])
 def test_collect_statistics_with_backend_equals_torch(backend, fisher, input_factor_dtype, buffer_tokens, monkeypatch):
     """fp32 and mixed Z go through the kernel (``float64`` Z stays on torch; mixed on a half-precision
-    model, whose products fp32 holds exactly); with buffering (``diagonal`` only) the kernels read
-    compacted chunks gathered across batches."""
+    model, whose products fp32 holds exactly; ``auto`` as mixed with the Triton kernel, as float64
+    with the CUDA extension);
+    with buffering (``diagonal`` only) the kernels read compacted chunks gathered across batches."""
     import lora_da
     from conftest import random_batches, tiny_llama
     from lora_da import memory
 
     monkeypatch.setattr(memory, "BUFFER_SHARE_OF_ACCUMULATORS", 1e6)  # chunks as large as asked on a tiny model
     half = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
-    model = tiny_llama(seed=30, dtype=half if input_factor_dtype == "mixed" else torch.float32).to(DEVICE)
-    batches = random_batches([2, 3, 4], seed=31, padding="left")
+    model = tiny_llama(seed=30, dtype=half if input_factor_dtype in ("mixed", "auto") else torch.float32).to(DEVICE)
+    batches = random_batches([6, 7, 8], seed=31, padding="left")
     cfg = lora_da.LoraDAConfig(output_fisher=fisher, token_mask="labels", input_factor_dtype=input_factor_dtype,
                                buffer_tokens=buffer_tokens, population_size=9)
     calls = []
@@ -184,10 +188,13 @@ def test_collect_statistics_with_backend_equals_torch(backend, fisher, input_fac
     want = lora_da.collect_statistics(model, batches, cfg, backend="torch", progress=False)
     calls.clear()
     got = lora_da.collect_statistics(model, batches, cfg, backend=backend, progress=False)
-    assert bool(calls) == (input_factor_dtype == "float64")  # the torch reference is asked for fp64 Z only
+    kernel_z = input_factor_dtype == "mixed" or (input_factor_dtype == "auto" and backend == "triton")
+    # the torch reference is asked for fp64 products only (no input's rows are held to the end)
+    assert all(e.num_tokens > HELD_ROWS_PER_FEATURE * e.z_sum.shape[0] for e in got.inputs.values())
+    assert bool(calls) == (input_factor_dtype in ("float64", "auto") and not kernel_z)
     wanted = torch.float32 if input_factor_dtype == "float32" else torch.float64
     assert all(e.z_sum.dtype == wanted for e in got.inputs.values())
-    assert got.config[Z_FP32_TILES] == (input_factor_dtype == "mixed") and not want.config[Z_FP32_TILES]
+    assert got.config[Z_FP32_TILES] == kernel_z and not want.config[Z_FP32_TILES]
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
@@ -263,3 +270,29 @@ def test_kernel_reads_compacted_tokens(backend, counted):
     for k in range(len(ms)):
         torch.testing.assert_close(got["g"][k], want["g"][k], rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(got["y"][k], want["y"][k], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton kernels cannot run here")
+@pytest.mark.parametrize("buffer_tokens", [0, 4096], ids=["per batch", "compacted chunks"])
+def test_auto_sums_inputs_with_few_tokens_per_feature_exactly(buffer_tokens, monkeypatch):
+    """``auto`` with the Triton kernel on a half-precision model holds each input's counted rows
+    until they outnumber HELD_ROWS_PER_FEATURE times its features: an input with fewer (Z singular
+    or nearly so, where fp32 rounding breaks the damping) gets fp64 products, the torch backend's
+    Z bit for bit, and the kernel's tile sums are not flagged."""
+    import lora_da
+    from conftest import random_batches, tiny_llama
+    from lora_da import memory
+
+    monkeypatch.setattr(memory, "BUFFER_SHARE_OF_ACCUMULATORS", 1e6)
+    half = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+    model = tiny_llama(seed=32, dtype=half).to(DEVICE)
+    batches = random_batches([2, 3, 4], seed=31, padding="left")
+    cfg = lora_da.LoraDAConfig(output_fisher="diagonal", token_mask="labels", buffer_tokens=buffer_tokens,
+                               population_size=9)
+    want = lora_da.collect_statistics(model, batches, cfg, backend="torch", progress=False)
+    got = lora_da.collect_statistics(model, batches, cfg, backend="triton", progress=False)
+    tokens_per_feature = [e.num_tokens / e.z_sum.shape[0] for e in got.inputs.values()]
+    assert max(tokens_per_feature) <= HELD_ROWS_PER_FEATURE and max(tokens_per_feature) > 1
+    for key, entry in want.inputs.items():
+        assert torch.equal(got.inputs[key].z_sum, entry.z_sum), key
+    assert not got.config[Z_FP32_TILES]

@@ -1,19 +1,23 @@
-"""The kernels' fp64 path for Z (``input_factor_dtype="mixed"``, ``lora_da.kernels.massive``):
-the scheme against fp64 truth on inputs with massive activations, and every kernel backend
-against the scheme's PyTorch reference (``split_gram``), masked and compacted, at sizes that span
-many of the GPU's tiles (the interpreter runs those tiles on CPU)."""
+"""The kernels' fp64 path for Z (``input_factor_dtype`` "mixed" and "auto" on GPUs,
+``lora_da.kernels.massive``): the scheme against fp64 truth on inputs with massive activations and
+on sums that fp32 absorbs, and every kernel backend against the scheme's PyTorch reference
+(``split_gram``), masked and compacted, at sizes that span many of the GPU's tiles (the interpreter
+runs those tiles on CPU)."""
 import pytest
 import torch
 
 from lora_da import dispatch
 from lora_da.kernels import massive
-from lora_da.kernels.massive import MASSIVE, MAX_MASSIVE, massive_features, split_gram
+from lora_da.kernels.massive import (FLUSH_TOKENS, FLUSH_TOKENS_SLOW_FP64 as FLUSH_TOKENS_SLOW, MASSIVE, MAX_MASSIVE,
+                                    flush_tokens, massive_features, split_gram)
 
 pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = [b for b in ("triton", "cuda") if dispatch.find("fisher_update", b).check(DEVICE, torch.float32) is None]
 EPS32 = torch.finfo(torch.float32).eps
+# the flush each backend's fp64 Z sums its fp32 partials over: the Triton kernel's, the whole call (cuBLAS)
+FLUSH = {"triton": flush_tokens(DEVICE), "cuda": None}
 
 
 def massive_inputs(tokens: int, n: int, seed: int, dtype=torch.float32, every: int = 61) -> torch.Tensor:
@@ -66,7 +70,7 @@ def test_split_gram_keeps_fp64_accuracy_where_fp32_sums_lose_it(dtype):
     wide = x.double() * mask.double()[:, None]
     truth = wide.T @ wide
     got = torch.zeros(n, n, dtype=torch.float64)
-    split_gram(got, x, mask)
+    split_gram(got, x, mask, FLUSH_TOKENS)
     rest = x.float() * mask.float()[:, None]
     single = (rest.T @ rest).double()
 
@@ -118,7 +122,7 @@ def test_kernel_fp64_z_matches_the_scheme(backend, case):
     counted = int(mask.sum()) if compacted else None
     start = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)).to(DEVICE)
     want = start.clone()
-    split_gram(want, x, mask)
+    split_gram(want, x, mask, FLUSH[backend])
     got = start.clone()
     got[torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril(-1)] = float("nan")
     impl = dispatch.resolve("fisher_update", backend, DEVICE, dtype)
@@ -134,3 +138,58 @@ def test_kernel_fp64_z_matches_the_scheme(backend, case):
     assert bool((error[upper & exact] <= 1e-13 * (bound[upper & exact] + 1)).all())
     assert bool((error[upper & ~exact] <= 4 * EPS32 * max(tokens, 1) ** 0.5 * bound[upper & ~exact] + 1e-12).all())
     assert got.dtype == torch.float64
+
+
+def absorbing_inputs(tokens: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """x [tokens, n]: 4096 in every feature of the first token (nothing massive: every feature has
+    it), 1/16 everywhere else. Each later token adds 2^-8 to every entry of Z, and a tile of 64
+    of them 2^-2, under half the fp32 spacing (2) of the first token's 2^24: an fp32 sum that
+    holds 2^24 drops them, tile after tile."""
+    x = torch.full((tokens, n), 1 / 16, dtype=dtype)
+    x[0] = 4096.0
+    return x
+
+
+def absorbed_bound(flush: int) -> float:
+    """The most an fp32 sum flushed into fp64 every ``flush`` tokens can lose of
+    absorbing_inputs' Z: the 2^-8 of each other token in the first token's group."""
+    return (flush - 1) * 2.0 ** -8
+
+
+@pytest.mark.parametrize("flush", [16, 64, 256])
+def test_split_gram_flushes_fp32_sums_into_fp64(flush):
+    """The reference loses at most what its first group's fp32 sum absorbs."""
+    x = absorbing_inputs(1000, 12, torch.bfloat16)
+    truth = x.double().T @ x.double()
+    got = torch.zeros(12, 12, dtype=torch.float64)
+    split_gram(got, x, torch.ones(1000, dtype=torch.bool), flush)
+    assert float((got - truth).abs().max()) <= absorbed_bound(flush)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton kernels cannot run here")
+@pytest.mark.parametrize("flush", [FLUSH_TOKENS, FLUSH_TOKENS_SLOW], ids=lambda f: f"flush{f}")
+@pytest.mark.parametrize("compacted", [False, True], ids=["masked", "compacted"])
+def test_triton_fp64_z_flushes_every_few_tokens(compacted, flush, monkeypatch):
+    """The Triton kernel's fp64 Z on sums that fp32 absorbs, flushed every ``flush`` tokens (as on
+    GPUs with fast and with slow fp64 units): within what one flush group can lose (its tiles
+    summed in fp32 in the MMA's order), where the tiles' running fp32 sum over the call (the
+    kernel's fp32 path) loses about 983 * 2^-8 (several of Z's tiles, a token tail, masked tokens
+    in the middle)."""
+    from lora_da.kernels import fisher_triton
+
+    monkeypatch.setattr(fisher_triton, "flush_tokens", lambda device: flush)
+    tokens, n = 1000, 40
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+    x = absorbing_inputs(tokens, n, dtype).to(DEVICE)
+    mask = torch.ones(tokens, dtype=torch.bool, device=DEVICE)
+    if not compacted:
+        mask[500:517] = False
+    counted = tokens if compacted else None
+    got = torch.zeros(n, n, dtype=torch.float64, device=DEVICE)
+    got[torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril(-1)] = float("nan")
+    impl = dispatch.resolve("fisher_update", "triton", DEVICE, dtype)
+    impl.fn(x.reshape(1, tokens, n), mask.reshape(1, tokens), [], got, [], [], counted=counted)
+    wide = x.double() * mask.double()[:, None]
+    truth = wide.T @ wide
+    upper = torch.ones(n, n, dtype=torch.bool, device=DEVICE).triu()
+    assert float((got - truth)[upper].abs().max()) <= absorbed_bound(flush)

@@ -9,9 +9,9 @@ Two kernels per call:
     into the programs of the first column of tiles.
 Both are autotuned per shape, dtype and token bucket (``token_bucket``: calls see a few hundred
 tokens unbuffered and thousands from the collector's buffers).
-Accumulation is fp32; fp32 inputs use IEEE products (no TF32). Into an fp64 Z each call's fp32 sums
-are added in fp64, and the massive features' rows and columns are summed in fp64 apart
-(``massive.add_split_gram``). Under ``TRITON_INTERPRET=1`` tiles
+Accumulation is fp32; fp32 inputs use IEEE products (no TF32). Into an fp64 Z the fp32 sums of
+every ``massive.flush_tokens`` tokens are added in fp64 registers, and the massive features' rows
+and columns are summed in fp64 apart (``massive.add_split_gram``). Under ``TRITON_INTERPRET=1`` tiles
 are cast to fp32 after loading (the interpreter computes bf16 wrongly), and each call runs one
 config (``triton_setup.tile_prune``: the GPU's tiles on problems that span more than one).
 """
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .massive import add_split_gram
+from .massive import add_split_gram, flush_tokens
 from .triton_setup import AUTOTUNE_EXTRA, INTERPRET, configs, on_device, tile_prune
 
 # PROGRAMS_PER_SM: 0 launches one program per upper-triangular tile; k > 0 launches k per SM
@@ -80,12 +80,33 @@ def _add_product(acc, a, b, IEEE: tl.constexpr, CAST_F32: tl.constexpr):
     return acc + tl.dot(tl.trans(a), b)
 
 
-@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY", "Z_KEY", "T_BUCKET", "COMPACTED"], restore_value=["z_ptr"],
-                 prune_configs_by=tile_prune({"BLOCK_N": "n"}), **AUTOTUNE_EXTRA)
+@triton.jit
+def _add_tile(acc, x_ptr, order_ptr, t0, count, cols_i, cols_j, n, stride_xt, COMPACTED: tl.constexpr,
+              IEEE: tl.constexpr, CAST_F32: tl.constexpr, BLOCK_T: tl.constexpr):
+    """acc + X_t^T X_t [BLOCK_N, BLOCK_N] (fp32) over the counted tokens t0 .. t0 + BLOCK_T - 1
+    (those below ``count``), columns cols_i and cols_j of x."""
+    t = t0 + tl.arange(0, BLOCK_T)
+    live = t < count
+    if COMPACTED:
+        token = t.to(tl.int64)
+    else:
+        token = tl.load(order_ptr + t, mask=live, other=0).to(tl.int64)
+    a = tl.load(x_ptr + token[:, None] * stride_xt + cols_i[None, :], mask=live[:, None] & (cols_i[None, :] < n),
+                other=0.0)
+    b = tl.load(x_ptr + token[:, None] * stride_xt + cols_j[None, :], mask=live[:, None] & (cols_j[None, :] < n),
+                other=0.0)
+    return _add_product(acc, a, b, IEEE, CAST_F32)
+
+
+@triton.autotune(configs=_Z_CONFIGS, key=["n", "DTYPE_KEY", "Z_KEY", "T_BUCKET", "COMPACTED", "FLUSH_TOKENS"],
+                 restore_value=["z_ptr"], prune_configs_by=tile_prune({"BLOCK_N": "n"}), **AUTOTUNE_EXTRA)
 @triton.jit
 def _z_upper_kernel(x_ptr, order_ptr, count_ptr, count_value, z_ptr, n, stride_xt, stride_zn, DTYPE_KEY, Z_KEY,
-                    T_BUCKET, COMPACTED: tl.constexpr, IEEE: tl.constexpr, CAST_F32: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_T: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr):
+                    T_BUCKET, COMPACTED: tl.constexpr, IEEE: tl.constexpr, CAST_F32: tl.constexpr,
+                    FLUSH_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                    PROGRAMS_PER_SM: tl.constexpr):
+    """Z's upper-triangular tiles += their fp32 sums over the call (FLUSH_TOKENS 0), or (fp64 Z)
+    the fp32 sums of each FLUSH_TOKENS tokens added into fp64 registers, those into Z."""
     num_tiles = tl.cdiv(n, BLOCK_N)
     if COMPACTED:  # the counted tokens are the first count_value rows
         count = count_value
@@ -95,23 +116,24 @@ def _z_upper_kernel(x_ptr, order_ptr, count_ptr, count_value, z_ptr, n, stride_x
         ti, tj = _tile_pair(tile, num_tiles)
         cols_i = ti * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_j = tj * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
-        for t0 in range(0, count, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            live = t < count
-            if COMPACTED:
-                token = t.to(tl.int64)
-            else:
-                token = tl.load(order_ptr + t, mask=live, other=0).to(tl.int64)
-            a = tl.load(x_ptr + token[:, None] * stride_xt + cols_i[None, :],
-                        mask=live[:, None] & (cols_i[None, :] < n), other=0.0)
-            b = tl.load(x_ptr + token[:, None] * stride_xt + cols_j[None, :],
-                        mask=live[:, None] & (cols_j[None, :] < n), other=0.0)
-            acc = _add_product(acc, a, b, IEEE, CAST_F32)
+        if FLUSH_TOKENS == 0:
+            acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+            for t0 in range(0, count, BLOCK_T):
+                acc = _add_tile(acc, x_ptr, order_ptr, t0, count, cols_i, cols_j, n, stride_xt, COMPACTED, IEEE,
+                                CAST_F32, BLOCK_T)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float64)
+            for g0 in range(0, count, FLUSH_TOKENS):
+                group = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+                for k in tl.static_range(FLUSH_TOKENS // BLOCK_T):
+                    if g0 + k * BLOCK_T < count:
+                        group = _add_tile(group, x_ptr, order_ptr, g0 + k * BLOCK_T, count, cols_i, cols_j, n,
+                                          stride_xt, COMPACTED, IEEE, CAST_F32, BLOCK_T)
+                acc += group.to(tl.float64)
         z_ptrs = z_ptr + cols_i[:, None].to(tl.int64) * stride_zn + cols_j[None, :]  # n^2 may pass 2^31
         inside = (cols_i[:, None] < n) & (cols_j[None, :] < n)
         z = tl.load(z_ptrs, mask=inside, other=0.0)
-        tl.store(z_ptrs, z + acc.to(z.dtype), mask=inside)  # fp32 sums added in Z's dtype (fp32 or fp64)
+        tl.store(z_ptrs, z + acc.to(z.dtype), mask=inside)
 
 
 @triton.autotune(configs=_G_CONFIGS, key=["m", "n", "DTYPE_KEY", "T_BUCKET"], restore_value=["g_ptr", "y_ptr"],
@@ -177,13 +199,15 @@ def counted_order(mask: torch.Tensor):
 
 def _add_upper_gram(xs: torch.Tensor, mask: torch.Tensor, z: torch.Tensor, counted: Optional[int], key: int,
                     bucket: int) -> None:
-    """Upper triangle of z [n, n] (fp32 or fp64) += the fp32 sums of xs [T, n]'s counted rows."""
+    """Upper triangle of z [n, n] += the sums of xs [T, n]'s counted rows: for fp32 z their fp32
+    sums, for fp64 z the fp32 sums of each ``flush_tokens`` tokens added in fp64."""
     n = xs.shape[1]
     order, count = (xs, xs) if counted is not None else counted_order(mask)  # xs: unread stand-ins
     grid = functools.partial(_z_grid, n=n, sms=_multiprocessors(xs.device))
-    _z_upper_kernel[grid](xs, order, count, counted or 0, z, n, xs.stride(0), z.stride(0), key,
-                          int(z.dtype == torch.float64), bucket, COMPACTED=counted is not None,
-                          IEEE=xs.dtype == torch.float32, CAST_F32=INTERPRET)
+    wide = z.dtype == torch.float64
+    _z_upper_kernel[grid](xs, order, count, counted or 0, z, n, xs.stride(0), z.stride(0), key, int(wide), bucket,
+                          COMPACTED=counted is not None, IEEE=xs.dtype == torch.float32, CAST_F32=INTERPRET,
+                          FLUSH_TOKENS=flush_tokens(xs.device) if wide else 0)
 
 
 def fisher_update(

@@ -1,13 +1,15 @@
-"""How the kernels sum Z into fp64 (``input_factor_dtype="mixed"`` on a GPU), at kernel speed.
+"""How the kernels sum Z into fp64 (``input_factor_dtype`` "mixed", and "auto" on GPUs), at kernel speed.
 
 Massive activations (a few features of a few tokens, thousands of times the rest) make Z's
 spectrum span more than fp32 can hold: summed in fp32, the rounding of their rows and columns
-is about eps32 ||Z||, above the damping lambda, and Z + lambda I can turn indefinite
-(benchmarks/input_factor_schemes.py, RESULTS.md "Input factor schemes"). So per call:
+is about eps32 ||Z||, above the damping lambda, and Z + lambda I can turn indefinite; and fp32
+sums over thousands of tokens bury the smallest eigenvalues of singular inputs (benchmarks/
+input_factor_schemes.py, RESULTS.md "Input factor schemes"). So per call:
   * the massive features D (``massive_features``) have their rows and columns of Z summed as
     fp64 products in fp64 (``add_massive_columns``: a skinny [n, T] x [T, |D|] product);
-  * every other entry is the kernel's bf16 (or fp32) tile products summed in fp32 registers
-    over the call's tokens, with D's columns of X read as zeros, then added into fp64 Z.
+  * every other entry is the kernel's bf16 (or fp16) tile products, exact in fp32, summed in
+    fp32 over ``flush_tokens`` tokens and added into fp64 registers (the Triton kernel; the
+    CUDA extension's cuBLAS products sum over the whole call), with D's columns read as zeros.
 ``split_gram`` is the PyTorch reference of that arithmetic, the oracle of the kernels' fp64 path.
 """
 from __future__ import annotations
@@ -18,6 +20,22 @@ import torch
 
 MASSIVE = 64  # a feature is massive in a call when its largest |x| is over this many times the median feature's
 MAX_MASSIVE = 16  # the most features a call sums in fp64 (its largest): bounds the fp64 products at 2 n T MAX_MASSIVE
+# tokens whose fp32 tile sums are added into fp64 at a time: n^2 / 2 fp64 additions per flush against
+# n^2 * FLUSH bf16 flops; 256 where fp64 units run at 1/64 of fp32 (counted costs and accuracy of
+# both: RESULTS.md, "Input factor schemes")
+FLUSH_TOKENS = 64
+FLUSH_TOKENS_SLOW_FP64 = 256
+FULL_RATE_FP64 = (6, 7, 8, 9, 10)  # compute capabilities X.0 (P100 to B200): fp64 at half of fp32 or more
+
+
+def flush_tokens(device: torch.device) -> int:
+    """Tokens per fp64 addition of the Triton kernel's fp32 tile sums on ``device``:
+    FLUSH_TOKENS on GPUs with full-rate fp64 (and under the interpreter), FLUSH_TOKENS_SLOW_FP64
+    on the others."""
+    if device.type != "cuda":
+        return FLUSH_TOKENS
+    major, minor = torch.cuda.get_device_capability(device)
+    return FLUSH_TOKENS if minor == 0 and major in FULL_RATE_FP64 else FLUSH_TOKENS_SLOW_FP64
 
 
 def massive_features(x: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -58,18 +76,21 @@ def add_split_gram(z: torch.Tensor, xs: torch.Tensor, weights: torch.Tensor, cou
     """The kernels' fp64 path: z [n, n] (fp64) += X^T diag(weights) X over xs [T, n]'s counted
     rows (the first ``counted`` where given, see ``reference.fisher_update``), the massive
     features in fp64 here and the rest by ``add_rest(x_rest)``, a kernel that adds into z the
-    fp32 sums of x_rest [T, n] (xs with the massive columns zeroed) over the same rows."""
+    sums of x_rest [T, n] (xs with the massive columns zeroed) over the same rows."""
     rows = slice(None) if counted is None else slice(0, counted)
     massive = massive_features(xs[rows], weights[rows])
     add_rest(without_features(xs, massive))
     add_massive_columns(z, xs[rows], weights[rows], massive)
 
 
-def split_gram(z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> None:
+def split_gram(z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, flush: Optional[int]) -> None:
     """Reference of the kernels' fp64 path: z [n, n] (fp64) += X^T diag(mask) X for x [T, n]
     (fp32/fp16/bf16), mask [T] 0/1: the massive features' rows and columns in fp64, the rest as
-    one fp32 product (its products exact for fp16/bf16 inputs) added into z."""
+    fp32 products (exact for fp16/bf16 inputs) of each ``flush`` counted tokens (None: all of
+    them), each added into z."""
     massive = massive_features(x, mask)
-    rest = without_features(x, massive).float() * mask.float()[:, None]
-    z += (rest.T @ rest).double()
+    rest = without_features(x, massive)[mask.bool()].float()
+    for start in range(0, len(rest), flush or max(1, len(rest))):
+        group = rest[start:start + (flush or len(rest))]
+        z += (group.T @ group).double()
     add_massive_columns(z, x, mask, massive)
