@@ -219,11 +219,11 @@ class Accumulators:
         """The pass's Statistics, buffers flushed, Z mirrored, modules in the targets' order."""
         for buffer in self.buffers.values():
             buffer.flush()
-        products = dispatch.find("fisher_update", "torch").fn
         for key, rows in self.held.items():  # inputs with few tokens for their features: fp64 products
             rows = torch.cat(rows).to(self.inputs[key].z_sum.device)
             every = torch.ones((1, len(rows)), dtype=torch.bool, device=rows.device)
-            products(rows[None], every, [], self.inputs[key].z_sum, [], [], counted=len(rows))
+            dispatch.find("fisher_update", "torch").fn(rows[None], every, [], self.inputs[key].z_sum, [], [],
+                                                       counted=len(rows))
         self.held = {}
         for key, entry in self.inputs.items():
             entry.num_tokens = int(self.token_tensors[key])
