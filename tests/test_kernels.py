@@ -164,8 +164,8 @@ def test_kernel_accumulates_over_calls(backend):
 def test_collect_statistics_with_backend_equals_torch(backend, fisher, input_factor_dtype, buffer_tokens, monkeypatch):
     """fp32 and mixed Z go through the kernel (``float64`` Z stays on torch; mixed on a half-precision
     model, whose products fp32 holds exactly; ``auto`` as mixed with the Triton kernel, as float64
-    with the CUDA extension);
-    with buffering (``diagonal`` only) the kernels read compacted chunks gathered across batches."""
+    with the CUDA extension); with buffering (``diagonal`` only) the kernels read compacted chunks
+    gathered across batches."""
     import lora_da
     from conftest import random_batches, tiny_llama
     from lora_da import memory
