@@ -60,8 +60,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import lora_da  # noqa: E402
 from input_factor_precision import layer_inputs, main_job  # noqa: E402
-from lora_da.memory import HELD_ROWS_PER_FEATURE  # noqa: E402
 from lora_da.kernels.massive import MASSIVE, add_massive_columns, massive_features, without_features  # noqa: E402
+from lora_da.memory import HELD_ROWS_PER_FEATURE  # noqa: E402
 from lora_da.statistics import Z_FP32_TILES  # noqa: E402
 
 DAMPING = 1e-6
