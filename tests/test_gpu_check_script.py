@@ -31,3 +31,15 @@ def test_gpu_check_smoke(tmp_path):
     assert run["init_seconds"] >= run["collect_seconds"] + run["solve_seconds"] > 0 and run["train_seconds"] > 0
     assert run["statistics_bytes"] > 0 and run["peak_bytes"] is None  # no accelerator on CPU
     assert 1.5 < run["collect_floor_ratio"] < 2.5
+
+
+def test_z_kernel_registers_report(tmp_path):
+    """The register report compiles the Triton Z kernel for a GPU without one; the config added
+    for fp64 Z assembles without spills at each flush."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "z_kernel_registers.py"), "--targets", "sm_90a",
+                    "--configs", "64, 64, 0, 8, 3"], env={**env, "OUT": str(tmp_path)}, check=True,
+                   capture_output=True, text=True, cwd=ROOT)
+    records = json.loads((tmp_path / "z_kernel_registers.json").read_text())["records"]
+    assert [r["flush"] for r in records] == [0, 64, 256]
+    assert all(0 < r["registers"] <= 255 and r["spill stores"] == r["spill loads"] == 0 for r in records)

@@ -34,6 +34,8 @@ _Z_CONFIGS = configs(
         {"BLOCK_N": 128, "BLOCK_T": 64, "PROGRAMS_PER_SM": 0, "warps": 8, "stages": 3},
         {"BLOCK_N": 128, "BLOCK_T": 32, "PROGRAMS_PER_SM": 0, "warps": 4, "stages": 4},
         {"BLOCK_N": 64, "BLOCK_T": 64, "PROGRAMS_PER_SM": 0, "warps": 4, "stages": 4},
+        # fp64 Z: no register spills with its fp64 tile (benchmarks/z_kernel_registers.py)
+        {"BLOCK_N": 64, "BLOCK_T": 64, "PROGRAMS_PER_SM": 0, "warps": 8, "stages": 3},
         {"BLOCK_N": 128, "BLOCK_T": 64, "PROGRAMS_PER_SM": 0, "warps": 4, "stages": 3},
         {"BLOCK_N": 128, "BLOCK_T": 64, "PROGRAMS_PER_SM": 1, "warps": 8, "stages": 3},
         {"BLOCK_N": 128, "BLOCK_T": 64, "PROGRAMS_PER_SM": 2, "warps": 4, "stages": 3},
