@@ -123,7 +123,8 @@ def plan_memory(model: nn.Module, cfg: Optional[LoraDAConfig] = None, max_memory
         members = [targets[name] for name in group]
         accumulators.append(accumulator_bytes(members, element.itemsize, z_element.itemsize))
         # up to HELD_ROWS_PER_FEATURE * n rows of n elements per input (counted per module, as Z)
-        held_bytes.append(sum(HELD_ROWS_PER_FEATURE * x_dtype.itemsize * t.in_features ** 2 for t in members) * held)
+        held_bytes.append(sum(HELD_ROWS_PER_FEATURE * x_dtype.itemsize * t.in_features ** 2 for t in members)
+                          if held else 0)
         left = int(accumulators[-1] * BUFFER_SHARE_OF_ACCUMULATORS)
         if budget is not None:
             left = min(left, budget - accumulators[-1])

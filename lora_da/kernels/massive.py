@@ -90,7 +90,6 @@ def split_gram(z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, flush: Opti
     them), each added into z."""
     massive = massive_features(x, mask)
     rest = without_features(x, massive)[mask.bool()].float()
-    for start in range(0, len(rest), flush or max(1, len(rest))):
-        group = rest[start:start + (flush or len(rest))]
+    for group in rest.split(flush or max(1, len(rest))):
         z += (group.T @ group).double()
     add_massive_columns(z, x, mask, massive)
